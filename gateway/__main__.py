@@ -1,0 +1,151 @@
+"""Composition root: settings -> adapters -> services -> servers, and one graceful stop.
+
+`kpg serve` (or `python -m gateway`) runs one asyncio process serving gRPC and REST. If Kafka or Redis
+is not reachable it keeps serving NOT_SERVING and retries, rather than crashing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
+from gateway.adapters.redis import RedisClient
+from gateway.adapters.sql import Database
+from gateway.definitions import Definitions, DefinitionsError, load_definitions
+from gateway.observability import configure_logging
+from gateway.services.health import BackendMonitor
+from gateway.settings import Settings
+from gateway.transport.grpc import create_grpc_server
+from gateway.transport.grpc.servicers import default_bindings
+from gateway.transport.rest import create_rest_app, create_rest_server
+
+log = logging.getLogger("gateway")
+
+EXIT_BAD_CONFIG = 2
+
+
+async def serve(settings: Settings, definitions: Definitions) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
+    producer = AsyncProducer(settings.kafka)
+    admin = KafkaAdmin(settings.kafka)
+    redis = RedisClient(settings.redis)
+    database = Database(settings.database_url)
+
+    async def create_topics() -> None:
+        topics = definitions.topics_to_create(settings.kafka.default_partitions)
+        created = await admin.ensure_topics(TopicSpec(name, parts) for name, parts in topics.items())
+        if created:
+            log.info("created topics: %s", ", ".join(sorted(created)))
+
+    monitor = BackendMonitor(
+        probes={"kafka": lambda: admin.ping(settings.health.check_timeout_s), "redis": redis.ping},
+        interval_s=settings.health.check_interval_s,
+        timeout_s=settings.health.check_timeout_s,
+        on_first_ready=create_topics,
+    )
+    grpc_server, grpc_port = await create_grpc_server(settings.grpc, bindings=default_bindings(), monitor=monitor)
+    rest_server, rest_socket, rest_port = create_rest_server(settings.rest, create_rest_app(monitor=monitor))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    rest_task = asyncio.create_task(rest_server.serve(sockets=[rest_socket]), name="rest")
+    monitor.start()
+    log.info(
+        "gateway serving gRPC on %s:%d and REST on http://%s:%d",
+        settings.grpc.host, grpc_port, settings.rest.host, rest_port,
+        extra={"grpc_port": grpc_port, "rest_port": rest_port},
+    )
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
+
+    # Graceful stop: refuse new calls, let in-flight ones finish, then flush what was produced.
+    log.info("stopping: finishing in-flight calls (up to %.0fs)", settings.shutdown_grace_s)
+    await monitor.stop()
+    rest_server.should_exit = True
+    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), rest_task, return_exceptions=True)
+    await producer.close(settings.shutdown_grace_s)
+    await redis.close()
+    database.close()
+    log.info("stopped")
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: object) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+
+    put("kafka", "bootstrap_servers", args.kafka_bootstrap_servers)
+    put("redis", "url", args.redis_url)
+    put("database", "url", args.database_url)
+    put("grpc", "host", args.grpc_host)
+    put("grpc", "port", args.grpc_port)
+    put("rest", "host", args.rest_host)
+    put("rest", "port", args.rest_port)
+    for key in ("definitions", "state_dir", "log_level"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return Settings(**overrides)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--definitions", type=Path, help="definitions YAML file (KPG_DEFINITIONS)")
+    parser.add_argument("--grpc-host", help="gRPC bind address (KPG_GRPC__HOST, default 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free port (KPG_GRPC__PORT, default 50051)")
+    parser.add_argument("--rest-host", help="REST bind address (KPG_REST__HOST, default 127.0.0.1)")
+    parser.add_argument("--rest-port", type=int, help="REST port, 0 = any free port (KPG_REST__PORT, default 8080)")
+    parser.add_argument("--kafka-bootstrap-servers", help="Kafka bootstrap servers (KPG_KAFKA__BOOTSTRAP_SERVERS)")
+    parser.add_argument("--redis-url", help="Redis URL (KPG_REDIS__URL)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL (KPG_DATABASE__URL; default SQLite in the state dir)")
+    parser.add_argument("--state-dir", type=Path, help="state folder (KPG_STATE_DIR, default .state)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="KPG_LOG_LEVEL")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as exc:  # pydantic's ValidationError names the bad setting
+        print(f"kpg serve: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        definitions = load_definitions(settings.definitions)
+    except DefinitionsError as exc:
+        log.error("invalid definitions: %s", exc)
+        print(f"kpg serve: invalid definitions: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        asyncio.run(serve(settings, definitions))
+    except OSError as exc:
+        print(f"kpg serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gateway.devstack.cli import add_dev_commands
+
+    parser = argparse.ArgumentParser(prog="kpg", description="Kafka Pattern Gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the gateway (gRPC + REST)")
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(func=run_serve)
+    add_dev_commands(commands)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""The only package that imports confluent_kafka. Driver errors become `BackendUnavailable` here."""
+
+from gateway.adapters.kafka.admin import KafkaAdmin, TopicSpec, kafka_answers
+from gateway.adapters.kafka.consumer import ConsumerRunner
+from gateway.adapters.kafka.producer import AsyncProducer
+from gateway.adapters.kafka.records import Delivery, Header, Record
+
+__all__ = [
+    "AsyncProducer",
+    "ConsumerRunner",
+    "Delivery",
+    "Header",
+    "KafkaAdmin",
+    "Record",
+    "TopicSpec",
+    "kafka_answers",
+]

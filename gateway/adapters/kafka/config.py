@@ -1,0 +1,49 @@
+"""librdkafka configuration built from the frozen KafkaSettings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gateway.settings import KafkaSettings
+
+
+# librdkafka's own log lines go through Python logging (and so the gateway's JSON logs).
+LIBRDKAFKA_LOGGER = logging.getLogger("gateway.kafka.librdkafka")
+
+
+def base_config(settings: KafkaSettings) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "socket.nagle.disable": True,
+        "logger": LIBRDKAFKA_LOGGER,
+        **settings.extra,
+    }
+
+
+def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    return {
+        **base_config(settings),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": settings.linger_ms,
+        "compression.type": "lz4",
+        "delivery.timeout.ms": settings.delivery_timeout_ms,
+        "request.timeout.ms": min(settings.request_timeout_ms, settings.delivery_timeout_ms),
+        **settings.extra,
+    }
+
+
+def consumer_config(settings: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        **base_config(settings),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "partition.assignment.strategy": "cooperative-sticky",
+        **overrides,
+        **settings.extra,
+    }

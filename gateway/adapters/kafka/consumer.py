@@ -1,0 +1,154 @@
+"""`ConsumerRunner`: every consumer the gateway runs goes through here.
+
+The confluent-kafka consumer lives on one dedicated thread; the runner fetches batches with
+`consume(n)`, awaits the async handler, and only then commits the batch's offsets (at-least-once,
+never ahead of processing). A handler failure rewinds to the start of the batch and retries after a
+backoff, so nothing is skipped; later the dead-letter policy plugs in at `_handle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from gateway.adapters.kafka.config import consumer_config
+from gateway.adapters.kafka.records import Record
+from gateway.errors import BackendUnavailable
+from gateway.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[Sequence[Record]], Awaitable[None]]
+
+
+class ConsumerRunner:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        group_id: str,
+        topics: Sequence[str],
+        handler: BatchHandler,
+        batch_size: int = 500,
+        poll_timeout_s: float = 0.2,
+        retry_backoff_s: float = 0.5,
+        **overrides: Any,
+    ) -> None:
+        self.group_id = group_id
+        self.topics = list(topics)
+        self._handler = handler
+        self._batch_size = batch_size
+        self._poll_timeout_s = poll_timeout_s
+        self._retry_backoff_s = retry_backoff_s
+        self._config = consumer_config(settings, group_id, **overrides)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
+        self._consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.assignment: set[tuple[str, int]] = set()
+
+    async def start(self) -> None:
+        """Create the consumer, subscribe, and start consuming in the background."""
+        await self._call(self._open)
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group_id}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, commit it, leave the group and close."""
+        self._stopping = True
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._call(self._consumer.close)
+            self._consumer = None
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except KafkaException as exc:
+            raise BackendUnavailable(f"Kafka consumer {self.group_id}: {exc.args[0]}") from exc
+
+    def _open(self) -> None:
+        self._consumer = Consumer(self._config)
+        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    # Rebalance callbacks run on the consumer thread inside consume(); by then the previous batch is
+    # processed and committed, so revoking loses nothing and hands over no uncommitted work.
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def _consume(self) -> list[Record]:
+        assert self._consumer is not None
+        messages = self._consumer.consume(self._batch_size, self._poll_timeout_s)
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("consumer %s: %s", self.group_id, error.str())
+                continue
+            records.append(_to_record(message))
+        return records
+
+    def _commit(self, records: Sequence[Record]) -> None:
+        assert self._consumer is not None
+        offsets = {(r.topic, r.partition): r.offset + 1 for r in records}
+        self._consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+        )
+
+    def _rewind(self, records: Sequence[Record]) -> None:
+        assert self._consumer is not None
+        first: dict[tuple[str, int], int] = {}
+        for r in records:
+            first.setdefault((r.topic, r.partition), r.offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) in self.assignment:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                records = await self._call(self._consume)
+                if records:
+                    await self._handle(records)
+            except BackendUnavailable as exc:
+                # A failed commit means redelivery, never a skip: processing is at-least-once.
+                log.error("%s; retrying", exc)
+                await asyncio.sleep(self._retry_backoff_s)
+
+    async def _handle(self, records: Sequence[Record]) -> None:
+        try:
+            await self._handler(records)
+        except Exception:
+            log.exception("consumer %s: handler failed; retrying the batch", self.group_id)
+            await self._call(self._rewind, records)
+            await asyncio.sleep(self._retry_backoff_s)
+            return
+        await self._call(self._commit, records)
+
+
+def _to_record(message: Message) -> Record:
+    _, timestamp = message.timestamp()
+    key = message.key()
+    value = message.value()
+    return Record(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=key.encode() if isinstance(key, str) else key,
+        value=value.encode() if isinstance(value, str) else value,
+        headers=tuple(message.headers() or ()),
+        timestamp_ms=timestamp if timestamp and timestamp > 0 else None,
+    )

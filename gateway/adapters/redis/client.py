@@ -1,0 +1,68 @@
+"""`RedisClient`: the async redis client, its Lua scripts, and the edge where redis errors become
+`BackendUnavailable`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+import redis.asyncio
+from redis.commands.core import AsyncScript
+
+from gateway.errors import BackendUnavailable
+from gateway.settings import RedisSettings
+
+SCRIPTS_DIR = Path(__file__).parent / "scripts"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def redis_answers(url: str, timeout_s: float) -> bool:
+    """True when a Redis-compatible server at `url` answers PING within the timeout."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+class RedisClient:
+    def __init__(self, settings: RedisSettings, *, scripts_dir: Path = SCRIPTS_DIR) -> None:
+        self.redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.socket_timeout_s,
+            health_check_interval=10,
+        )
+        # Scripts are registered by file name and run with EVALSHA (falling back to EVAL once after a
+        # server restart flushed the script cache).
+        self.scripts: dict[str, AsyncScript] = {
+            path.stem: self.redis.register_script(path.read_text()) for path in sorted(scripts_dir.glob("*.lua"))
+        }
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    async def run_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self.scripts[name]
+        return await self.call(script, keys=keys, args=args)
+
+    async def call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run one redis coroutine, translating driver errors at this edge."""
+        try:
+            return await fn(*args, **kwargs)
+        except redis.ResponseError:
+            raise  # a bug in a script or a command: let it surface as an internal error
+        except (redis.RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -1,0 +1,47 @@
+"""The SQL database behind read models and indexes: SQLite by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import create_engine, text
+
+from gateway.errors import BackendUnavailable
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain `postgresql://` URLs by choosing the psycopg (v3) driver."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+
+    async def ping(self) -> bool:
+        def ask() -> bool:
+            try:
+                with self.engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+                return True
+            except SQLAlchemyError:
+                return False
+
+        return await asyncio.to_thread(ask)
+
+    async def check(self) -> None:
+        if not await self.ping():
+            raise BackendUnavailable(f"database {make_url(self.url).render_as_string()} is not reachable")
+
+    def close(self) -> None:
+        self.engine.dispose()

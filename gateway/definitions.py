@@ -1,0 +1,225 @@
+"""The definitions file (YAML): categories, read models, sagas and request-reply topics.
+
+Loaded once at start-up into frozen, validated objects. Any problem stops start-up with a
+`DefinitionsError` whose message names the offending key (for example
+`read_models.order_summary.category`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+# Kafka's own rule for topic names.
+TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+PYTHON_REF_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class DefinitionsError(ValueError):
+    """The definitions file is missing, unreadable or invalid; the message names the bad key."""
+
+
+class _Def(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def check_category_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"category {name!r} must be 1-200 characters of [A-Za-z0-9._:@-]")
+    if name.startswith(("kpg.", "_")):
+        raise ValueError(f"category {name!r} must not start with 'kpg.' or '_'")
+    return name
+
+
+def check_topic_name(topic: str) -> str:
+    if not TOPIC_PATTERN.match(topic) or topic in {".", ".."}:
+        raise ValueError(f"topic {topic!r} is not a valid Kafka topic name")
+    return topic
+
+
+class CategoryDef(_Def):
+    topic: str | None = None
+    partitions: int | None = Field(default=None, ge=1, le=10_000)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        return None if value is None else check_topic_name(value)
+
+
+class HandlerDef(_Def):
+    """Declarative fold of one event type into a read-model document."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    set_: dict[str, Any] = Field(default_factory=dict, alias="set")
+    unset: list[str] = Field(default_factory=list)
+    increment: dict[str, Any] = Field(default_factory=dict)
+    append: dict[str, Any] = Field(default_factory=dict)
+    delete: bool = False
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Self:
+        if not (self.set_ or self.unset or self.increment or self.append or self.delete):
+            raise ValueError("a handler needs at least one of set, unset, increment, append, delete")
+        return self
+
+
+class ReadModelDef(_Def):
+    category: str
+    handlers: dict[str, HandlerDef] | None = None
+    python: str | None = None
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str | None) -> str | None:
+        if value is not None and not PYTHON_REF_PATTERN.match(value):
+            raise ValueError(f"{value!r} must look like 'package.module:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        if (self.handlers is None) == (self.python is None):
+            raise ValueError("a read model needs exactly one of 'handlers' or 'python'")
+        return self
+
+
+class SagaStepDef(_Def):
+    name: str = Field(min_length=1, max_length=200)
+    topic: str
+    command: str = Field(min_length=1, max_length=200)
+    compensation: str | None = None
+    timeout_ms: int | None = Field(default=None, ge=1)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return check_topic_name(value)
+
+
+class SagaDef(_Def):
+    step_timeout_ms: int = Field(default=30_000, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    steps: list[SagaStepDef] = Field(min_length=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_names(cls, steps: list[SagaStepDef]) -> list[SagaStepDef]:
+        names = [step.name for step in steps]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"step names must be unique, repeated: {', '.join(duplicates)}")
+        return steps
+
+
+class RequestReplyDef(_Def):
+    # Allowlist of request topics; `*` and `?` are wildcards.
+    topics: list[str] = Field(default_factory=list)
+
+    def allows(self, topic: str) -> bool:
+        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics)
+
+    def literal_topics(self) -> list[str]:
+        return [t for t in self.topics if not any(c in t for c in "*?[")]
+
+
+class Definitions(_Def):
+    categories: dict[str, CategoryDef] = Field(default_factory=dict)
+    read_models: dict[str, ReadModelDef] = Field(default_factory=dict)
+    sagas: dict[str, SagaDef] = Field(default_factory=dict)
+    request_reply: RequestReplyDef = RequestReplyDef()
+    allow_undeclared_categories: bool = False
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _categories(cls, value: Any) -> Any:
+        # `orders:` with no body declares a category with every default.
+        if isinstance(value, Mapping):
+            for name in value:
+                try:
+                    check_category_name(str(name))
+                except ValueError as exc:
+                    raise _KeyedError(f"categories.{name}", str(exc)) from None
+            return {name: body if body is not None else {} for name, body in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Self:
+        if not self.allow_undeclared_categories:
+            for name, model in self.read_models.items():
+                if model.category not in self.categories:
+                    raise _KeyedError(
+                        f"read_models.{name}.category",
+                        f"unknown category {model.category!r} (declare it under 'categories')",
+                    )
+        return self
+
+    def category_topic(self, category: str) -> str:
+        declared = self.categories.get(category)
+        return (declared.topic if declared and declared.topic else None) or f"{category}.events"
+
+    def topics_to_create(self, default_partitions: int) -> dict[str, int]:
+        """Every topic the file names, with its partition count."""
+        topics: dict[str, int] = {}
+        for name, category in self.categories.items():
+            topics[self.category_topic(name)] = category.partitions or default_partitions
+        for saga in self.sagas.values():
+            for step in saga.steps:
+                topics.setdefault(step.topic, default_partitions)
+        for topic in self.request_reply.literal_topics():
+            topics.setdefault(topic, default_partitions)
+        return topics
+
+
+class _KeyedError(ValueError):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+def parse_definitions(document: Any, *, source: str = "definitions") -> Definitions:
+    if document is None:
+        document = {}
+    if not isinstance(document, Mapping):
+        raise DefinitionsError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return Definitions.model_validate(document)
+    except ValidationError as exc:
+        raise DefinitionsError(f"{source}: {_describe(exc)}") from None
+
+
+def load_definitions(path: Path | None) -> Definitions:
+    """Read and validate the file; `None` gives empty definitions."""
+    if path is None:
+        return Definitions()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DefinitionsError(f"cannot read definitions file {path}: {exc.strerror or exc}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DefinitionsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_definitions(document, source=str(path))
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"] if part != "set_")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        context = error.get("ctx", {}).get("error")
+        if isinstance(context, _KeyedError):
+            problems.append(str(context))
+        elif loc:
+            problems.append(f"{loc}: {message}")
+        else:
+            problems.append(message)
+    return "; ".join(problems)

@@ -1,0 +1,140 @@
+"""One error root for the whole gateway.
+
+Every failure a caller can see is a `GatewayError` with a stable `reason` from the contract's
+error table. Each transport maps it exactly once (gRPC interceptor, FastAPI exception handler);
+nothing else builds error payloads.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapping:
+    grpc_code: str  # grpc.StatusCode member name; transport.grpc resolves it
+    http_status: int
+
+
+class Reason(enum.Enum):
+    """The contract's error reasons, each with its gRPC code and HTTP status."""
+
+    INVALID_ARGUMENT = _Mapping("INVALID_ARGUMENT", 400)
+    PAYLOAD_TOO_LARGE = _Mapping("INVALID_ARGUMENT", 413)
+    WRONG_EXPECTED_VERSION = _Mapping("FAILED_PRECONDITION", 409)
+    IDEMPOTENCY_KEY_REUSED = _Mapping("INVALID_ARGUMENT", 422)
+    IDEMPOTENCY_KEY_IN_FLIGHT = _Mapping("ABORTED", 409)
+    NOT_FOUND = _Mapping("NOT_FOUND", 404)
+    TOPIC_NOT_ALLOWED = _Mapping("PERMISSION_DENIED", 403)
+    UNAUTHENTICATED = _Mapping("UNAUTHENTICATED", 401)
+    REPLY_TIMEOUT = _Mapping("DEADLINE_EXCEEDED", 504)
+    READ_MODEL_BEHIND = _Mapping("DEADLINE_EXCEEDED", 504)
+    BACKEND_UNAVAILABLE = _Mapping("UNAVAILABLE", 503)
+    # Not in the contract's table: answered only by RPCs whose pattern has not landed yet.
+    UNIMPLEMENTED = _Mapping("UNIMPLEMENTED", 501)
+
+    @property
+    def grpc_code(self) -> str:
+        return self.value.grpc_code
+
+    @property
+    def http_status(self) -> int:
+        return self.value.http_status
+
+
+ERROR_DOMAIN = "kpg"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway reports to a caller."""
+
+    reason: Reason = Reason.INVALID_ARGUMENT
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: Reason | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: tuple[FieldViolation, ...] = (),
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        if retryable is not None:
+            self.retryable = retryable
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.violations = violations
+
+
+class InvalidArgument(GatewayError):
+    reason = Reason.INVALID_ARGUMENT
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        return cls(f"{field}: {description}", violations=(FieldViolation(field, description),))
+
+
+class PayloadTooLarge(GatewayError):
+    reason = Reason.PAYLOAD_TOO_LARGE
+
+
+class WrongExpectedVersion(GatewayError):
+    reason = Reason.WRONG_EXPECTED_VERSION
+
+
+class IdempotencyKeyReused(GatewayError):
+    reason = Reason.IDEMPOTENCY_KEY_REUSED
+
+
+class IdempotencyKeyInFlight(GatewayError):
+    reason = Reason.IDEMPOTENCY_KEY_IN_FLIGHT
+    retryable = True
+
+
+class NotFound(GatewayError):
+    reason = Reason.NOT_FOUND
+
+
+class TopicNotAllowed(GatewayError):
+    reason = Reason.TOPIC_NOT_ALLOWED
+
+
+class Unauthenticated(GatewayError):
+    reason = Reason.UNAUTHENTICATED
+
+
+class ReplyTimeout(GatewayError):
+    reason = Reason.REPLY_TIMEOUT
+    retryable = True
+
+
+class ReadModelBehind(GatewayError):
+    reason = Reason.READ_MODEL_BEHIND
+    retryable = True
+
+
+class BackendUnavailable(GatewayError):
+    reason = Reason.BACKEND_UNAVAILABLE
+    retryable = True
+
+
+class NotImplementedYet(GatewayError):
+    reason = Reason.UNIMPLEMENTED
+
+    def __init__(self, rpc: str, pattern: str) -> None:
+        super().__init__(
+            f"{rpc} is not implemented yet: it arrives with the {pattern} pattern",
+            metadata={"rpc": rpc, "pattern": pattern},
+        )

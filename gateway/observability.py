@@ -1,0 +1,61 @@
+"""Logs and Prometheus metrics shared by both transports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter(
+    "kpg_requests_total", "RPCs handled, by transport, RPC and final status code", ["transport", "rpc", "code"]
+)
+ERRORS = Counter(
+    "kpg_request_errors_total", "RPCs that failed, by transport, RPC and error reason", ["transport", "rpc", "reason"]
+)
+LATENCY = Histogram(
+    "kpg_request_duration_seconds",
+    "RPC latency, by transport and RPC",
+    ["transport", "rpc"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def observe(transport: str, rpc: str, code: str, reason: str | None, seconds: float) -> None:
+    REQUESTS.labels(transport, rpc, code).inc()
+    LATENCY.labels(transport, rpc).observe(seconds)
+    if reason is not None:
+        ERRORS.labels(transport, rpc, reason).inc()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log shippers expect when the gateway is not on a terminal."""
+
+    _standard = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._standard and k != "message"})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if use_json else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("uvicorn.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,78 @@
+"""Gateway settings: read once from the environment (prefix `KPG_`, `__` nesting) in `__main__`.
+
+Adapters and servers receive the frozen sub-models, never the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "kpg-gateway"
+    default_partitions: int = Field(default=3, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # Producer: batching with a short linger; `delivery_timeout_ms` bounds how long an append may wait
+    # for the broker before it fails BACKEND_UNAVAILABLE instead of hanging.
+    linger_ms: int = Field(default=5, ge=0)
+    delivery_timeout_ms: int = Field(default=30_000, ge=1_000)
+    request_timeout_ms: int = Field(default=10_000, ge=500)
+    # Extra librdkafka properties (for example security.protocol, sasl.*) passed to every client.
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class RedisSettings(_Frozen):
+    url: str = "redis://127.0.0.1:6379/0"
+    socket_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class DatabaseSettings(_Frozen):
+    # SQLAlchemy URL; empty means a SQLite file in the state folder.
+    url: str = ""
+
+
+class GrpcSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class RestSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class HealthSettings(_Frozen):
+    check_interval_s: float = Field(default=2.0, gt=0)
+    check_timeout_s: float = Field(default=3.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KPG_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    grpc: GrpcSettings = GrpcSettings()
+    rest: RestSettings = RestSettings()
+    health: HealthSettings = HealthSettings()
+    definitions: Path | None = None
+    state_dir: Path = Path(".state")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.state_dir / 'gateway.db').resolve()}"
