@@ -50,7 +50,9 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         timeout_s=settings.health.check_timeout_s,
         on_first_ready=create_topics,
     )
-    grpc_server, grpc_port = await create_grpc_server(settings.grpc, bindings=default_bindings(), monitor=monitor)
+    grpc_server, grpc_port = await create_grpc_server(
+        settings.grpc, bindings=default_bindings(), monitor=monitor
+    )
     rest_server, rest_socket, rest_port = create_rest_server(settings.rest, create_rest_app(monitor=monitor))
 
     stop = asyncio.Event()
@@ -63,7 +65,10 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     monitor.start()
     log.info(
         "gateway serving gRPC on %s:%d and REST on http://%s:%d",
-        settings.grpc.host, grpc_port, settings.rest.host, rest_port,
+        settings.grpc.host,
+        grpc_port,
+        settings.rest.host,
+        rest_port,
         extra={"grpc_port": grpc_port, "rest_port": rest_port},
     )
     stopped = asyncio.create_task(stop.wait())
@@ -103,12 +108,20 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--definitions", type=Path, help="definitions YAML file (KPG_DEFINITIONS)")
     parser.add_argument("--grpc-host", help="gRPC bind address (KPG_GRPC__HOST, default 127.0.0.1)")
-    parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free port (KPG_GRPC__PORT, default 50051)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="gRPC port, 0 = any free port (KPG_GRPC__PORT, default 50051)"
+    )
     parser.add_argument("--rest-host", help="REST bind address (KPG_REST__HOST, default 127.0.0.1)")
-    parser.add_argument("--rest-port", type=int, help="REST port, 0 = any free port (KPG_REST__PORT, default 8080)")
-    parser.add_argument("--kafka-bootstrap-servers", help="Kafka bootstrap servers (KPG_KAFKA__BOOTSTRAP_SERVERS)")
+    parser.add_argument(
+        "--rest-port", type=int, help="REST port, 0 = any free port (KPG_REST__PORT, default 8080)"
+    )
+    parser.add_argument(
+        "--kafka-bootstrap-servers", help="Kafka bootstrap servers (KPG_KAFKA__BOOTSTRAP_SERVERS)"
+    )
     parser.add_argument("--redis-url", help="Redis URL (KPG_REDIS__URL)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (KPG_DATABASE__URL; default SQLite in the state dir)")
+    parser.add_argument(
+        "--database-url", help="SQLAlchemy URL (KPG_DATABASE__URL; default SQLite in the state dir)"
+    )
     parser.add_argument("--state-dir", type=Path, help="state folder (KPG_STATE_DIR, default .state)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="KPG_LOG_LEVEL")
 

@@ -10,10 +10,14 @@ from datetime import UTC, datetime
 from prometheus_client import Counter, Histogram
 
 REQUESTS = Counter(
-    "kpg_requests_total", "RPCs handled, by transport, RPC and final status code", ["transport", "rpc", "code"]
+    "kpg_requests_total",
+    "RPCs handled, by transport, RPC and final status code",
+    ["transport", "rpc", "code"],
 )
 ERRORS = Counter(
-    "kpg_request_errors_total", "RPCs that failed, by transport, RPC and error reason", ["transport", "rpc", "reason"]
+    "kpg_request_errors_total",
+    "RPCs that failed, by transport, RPC and error reason",
+    ["transport", "rpc", "reason"],
 )
 LATENCY = Histogram(
     "kpg_request_duration_seconds",
@@ -42,7 +46,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in self._standard and k != "message"})
+        entry.update(
+            {
+                k: v
+                for k, v in vars(record).items()
+                if k not in self._standard and k != "message" and not k.startswith("color_")
+            }
+        )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -52,7 +62,9 @@ def configure_logging(level: str, fmt: str) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if use_json else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        JsonFormatter()
+        if use_json
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

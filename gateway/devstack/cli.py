@@ -24,9 +24,13 @@ def default_state_dir() -> Path:
 
 def add_dev_commands(commands: Any) -> None:
     dev = commands.add_parser("dev", help="a local Kafka broker and Redis server, no Docker needed")
-    dev.add_argument("--state-dir", type=Path, default=None, help="default: $KPG_STATE_DIR/devstack or .state/devstack")
+    dev.add_argument(
+        "--state-dir", type=Path, default=None, help="default: $KPG_STATE_DIR/devstack or .state/devstack"
+    )
     actions = dev.add_subparsers(dest="action", required=True)
-    up = actions.add_parser("up", help="start Kafka and Redis (downloads Kafka from Maven Central the first time)")
+    up = actions.add_parser(
+        "up", help="start Kafka and Redis (downloads Kafka from Maven Central the first time)"
+    )
     up.add_argument("--kafka-port", type=int, default=DEFAULT_KAFKA_PORT)
     up.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT)
     up.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT)
@@ -43,7 +47,9 @@ def run_dev(args: argparse.Namespace) -> int:
         if args.action == "up":
             with console.status("starting the dev stack") as status:
                 info = stack.up(
-                    kafka_port=args.kafka_port, controller_port=args.controller_port, redis_port=args.redis_port,
+                    kafka_port=args.kafka_port,
+                    controller_port=args.controller_port,
+                    redis_port=args.redis_port,
                     progress=lambda message: status.update(message),
                 )
             console.print(f"[green]dev stack up[/]: Kafka {info.bootstrap_servers}, Redis {info.redis_url}")
@@ -54,7 +60,9 @@ def run_dev(args: argparse.Namespace) -> int:
             for name, state in stack.status().items():
                 running = "[green]running[/]" if state["pid"] else "[red]stopped[/]"
                 answers = "answers" if state["answers"] else "not answering"
-                console.print(f"{name:6} {running} pid={state['pid']} {state['address']} {answers}  log={state['log']}")
+                console.print(
+                    f"{name:6} {running} pid={state['pid']} {state['address']} {answers}  log={state['log']}"
+                )
         elif args.action == "env":
             print("\n".join(stack.env_lines()))
     except StackError as exc:

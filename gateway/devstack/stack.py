@@ -80,7 +80,9 @@ class DevStack:
         previous = self.info()
         if previous is not None:  # keep the ports of a stack that is (partly) running
             kafka_port, controller_port, redis_port = (
-                previous.kafka_port, previous.controller_port, previous.redis_port
+                previous.kafka_port,
+                previous.controller_port,
+                previous.redis_port,
             )
         info = StackInfo(
             kafka_port=kafka_port or free_port(),
@@ -106,10 +108,18 @@ class DevStack:
         self._info_file.write_text(json.dumps(asdict(info)))
 
         progress("waiting for Redis and Kafka to answer")
-        wait_until(lambda: redis_answers(info.redis_url, 1.0), what="Redis",
-                   timeout_s=self.start_timeout_s, process=redis.process)
-        wait_until(lambda: kafka_answers(info.bootstrap_servers, 2.0), what="Kafka",
-                   timeout_s=self.start_timeout_s, process=kafka.process)
+        wait_until(
+            lambda: redis_answers(info.redis_url, 1.0),
+            what="Redis",
+            timeout_s=self.start_timeout_s,
+            process=redis.process,
+        )
+        wait_until(
+            lambda: kafka_answers(info.bootstrap_servers, 2.0),
+            what="Kafka",
+            timeout_s=self.start_timeout_s,
+            process=kafka.process,
+        )
         return info
 
     def down(self) -> list[str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]
 
 from gateway.adapters.kafka.config import base_config
 from gateway.errors import BackendUnavailable
@@ -57,8 +57,12 @@ class KafkaAdmin:
 
     def _ensure_topics(self, specs: list[TopicSpec], timeout_s: float) -> list[str]:
         new = [
-            NewTopic(s.name, num_partitions=s.partitions,
-                     replication_factor=self._settings.replication_factor, config=s.config)
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=self._settings.replication_factor,
+                config=s.config,
+            )
             for s in specs
         ]
         created = []
@@ -77,11 +81,13 @@ class KafkaAdmin:
 
     async def list_topics(self, timeout_s: float = 10.0) -> dict[str, int]:
         """Topic name -> partition count."""
+
         def list_() -> dict[str, int]:
             metadata = self._client.list_topics(timeout=timeout_s)
             return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
-        return await self._run(list_)
+        topics: dict[str, int] = await self._run(list_)
+        return topics
 
     async def delete_topics(self, names: Iterable[str], timeout_s: float = 30.0) -> None:
         def delete() -> None:
@@ -92,21 +98,23 @@ class KafkaAdmin:
 
     async def watermarks(self, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
         """Partition -> (low, high) watermark offsets."""
+
         def offsets() -> dict[int, tuple[int, int]]:
             metadata = self._client.list_topics(topic, timeout=timeout_s).topics[topic]
             if metadata.error is not None:
                 raise KafkaException(metadata.error)
             result: dict[int, tuple[int, int]] = {}
             partitions = [TopicPartition(topic, p) for p in metadata.partitions]
-            earliest = self._client.list_offsets({tp: OffsetSpec.earliest() for tp in partitions})
-            latest = self._client.list_offsets({tp: OffsetSpec.latest() for tp in partitions})
+            earliest = self._client.list_offsets({tp: OffsetSpec.earliest() for tp in partitions})  # type: ignore[no-untyped-call]
+            latest = self._client.list_offsets({tp: OffsetSpec.latest() for tp in partitions})  # type: ignore[no-untyped-call]
             for tp in partitions:
                 low = earliest[tp].result().offset
                 high = latest[tp].result().offset
                 result[tp.partition] = (low, high)
             return result
 
-        return await self._run(offsets)
+        marks: dict[int, tuple[int, int]] = await self._run(offsets)
+        return marks
 
     async def _run(self, fn: Any) -> Any:
         try:

@@ -7,7 +7,6 @@ from typing import Any
 
 from gateway.settings import KafkaSettings
 
-
 # librdkafka's own log lines go through Python logging (and so the gateway's JSON logs).
 LIBRDKAFKA_LOGGER = logging.getLogger("gateway.kafka.librdkafka")
 
@@ -29,6 +28,9 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": settings.linger_ms,
         "compression.type": "lz4",
+        # Topics are created up front (auto-creation is off), so a topic missing from metadata for a
+        # few seconds is missing for real: report it then, not after the 30 s default.
+        "topic.metadata.propagation.max.ms": 3000,
         "delivery.timeout.ms": settings.delivery_timeout_ms,
         "request.timeout.ms": min(settings.request_timeout_ms, settings.delivery_timeout_ms),
         **settings.extra,

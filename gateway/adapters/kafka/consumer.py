@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -143,12 +143,14 @@ def _to_record(message: Message) -> Record:
     _, timestamp = message.timestamp()
     key = message.key()
     value = message.value()
+    # A consumed message's headers are a list of (name, bytes) pairs, or None.
+    raw_headers = cast("list[tuple[str, bytes | None]]", message.headers() or [])
     return Record(
         topic=message.topic() or "",
         partition=message.partition() or 0,
         offset=message.offset() or 0,
         key=key.encode() if isinstance(key, str) else key,
         value=value.encode() if isinstance(value, str) else value,
-        headers=tuple(message.headers() or ()),
+        headers=tuple((name, header or b"") for name, header in raw_headers),
         timestamp_ms=timestamp if timestamp and timestamp > 0 else None,
     )

@@ -83,10 +83,12 @@ class AsyncProducer:
             try:
                 self._producer.produce(topic, value, **kwargs)
                 return
-            except BufferError:
+            except BufferError as exc:
                 # The local queue is full: wait for deliveries to drain it rather than buffer without bound.
                 if asyncio.get_running_loop().time() > deadline:
-                    raise BackendUnavailable("Kafka producer queue stayed full: the broker is not keeping up")
+                    raise BackendUnavailable(
+                        "Kafka producer queue stayed full: the broker is not keeping up"
+                    ) from exc
                 await asyncio.sleep(0.01)
             except KafkaException as exc:
                 raise delivery_error(exc.args[0], topic) from exc
@@ -125,6 +127,8 @@ def delivery_error(error: KafkaError, topic: str) -> GatewayError:
     code = error.code()
     if code in (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART):
         return NotFound(f"topic {topic!r} does not exist", metadata={"topic": topic})
-    if code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._MSG_SIZE_TOO_LARGE):
-        return PayloadTooLarge(f"the record is larger than topic {topic!r} accepts", metadata={"topic": topic})
+    if code == KafkaError.MSG_SIZE_TOO_LARGE:
+        return PayloadTooLarge(
+            f"the record is larger than topic {topic!r} accepts", metadata={"topic": topic}
+        )
     return BackendUnavailable(f"Kafka did not acknowledge the record for {topic!r}: {error.str()}")

@@ -42,7 +42,8 @@ class RedisClient:
         # Scripts are registered by file name and run with EVALSHA (falling back to EVAL once after a
         # server restart flushed the script cache).
         self.scripts: dict[str, AsyncScript] = {
-            path.stem: self.redis.register_script(path.read_text()) for path in sorted(scripts_dir.glob("*.lua"))
+            path.stem: self.redis.register_script(path.read_text())
+            for path in sorted(scripts_dir.glob("*.lua"))
         }
 
     async def ping(self) -> bool:

@@ -6,6 +6,7 @@ fields, `google.rpc.BadRequest` in the status details. Anything else is a bug: l
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,10 +42,9 @@ def to_status(error: GatewayError) -> grpc.Status:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=packed
-    )
-    return rpc_status.to_status(status)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def _rpc_name(method: str) -> str:
@@ -78,26 +78,31 @@ class _Call:
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
         rpc = _rpc_name(handler_call_details.method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(rpc, handler.unary_unary),
+                _wrap(rpc, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _stream(rpc, handler.unary_stream),
+                _wrap(rpc, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # the API has no client-streaming RPCs
+
+
+def _wrap(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    # Server-streaming handlers are async generators, or coroutines that call context.write().
+    return _stream(rpc, behavior) if inspect.isasyncgenfunction(behavior) else _unary(rpc, behavior)
 
 
 def _unary(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

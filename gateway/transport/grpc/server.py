@@ -35,7 +35,9 @@ async def create_grpc_server(
     names = ["", *(b.full_name for b in bindings)]
 
     async def follow(ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in names:
             await health_servicer.set(name, status)
 
@@ -44,7 +46,12 @@ async def create_grpc_server(
     reflection.enable_server_reflection(
         [*(b.full_name for b in bindings), health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(
+            f"cannot bind gRPC to {settings.host}:{settings.port}: address in use or not available"
+        ) from exc
     if port == 0:
-        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.port}")
+        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.port}: address in use or not available")
     return server, port

@@ -12,8 +12,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-
-from gateway.errors import NotImplementedYet
 from kpg.v1 import (
     dead_letters_pb2,
     dead_letters_pb2_grpc,
@@ -26,6 +24,8 @@ from kpg.v1 import (
     sagas_pb2,
     sagas_pb2_grpc,
 )
+
+from gateway.errors import NotImplementedYet
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +46,11 @@ def placeholder(descriptor: ServiceDescriptor, base: type, pattern: str) -> obje
     namespace: dict[str, Any] = {}
     for method in descriptor.methods:
         rpc = f"{descriptor.name}.{method.name}"
-        namespace[method.name] = _unimplemented_stream(rpc, pattern) if method.server_streaming \
+        namespace[method.name] = (
+            _unimplemented_stream(rpc, pattern)
+            if method.server_streaming
             else _unimplemented_unary(rpc, pattern)
+        )
     return type(f"Placeholder{descriptor.name}", (base,), namespace)()
 
 

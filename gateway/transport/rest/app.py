@@ -35,7 +35,12 @@ PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
     ("GET", "/v1/replies/{correlation_id}", "RequestReply.GetReply", "request-reply"),
     ("GET", "/v1/dead-letters", "DeadLetters.ListDeadLetterTopics", "DLT reprocessing"),
     ("GET", "/v1/dead-letters/{dlt_topic}", "DeadLetters.ListDeadLetters", "DLT reprocessing"),
-    ("GET", "/v1/dead-letters/{dlt_topic}/{partition}/{offset}", "DeadLetters.GetDeadLetter", "DLT reprocessing"),
+    (
+        "GET",
+        "/v1/dead-letters/{dlt_topic}/{partition}/{offset}",
+        "DeadLetters.GetDeadLetter",
+        "DLT reprocessing",
+    ),
     ("POST", "/v1/dead-letters/{dlt_topic}/reprocess", "DeadLetters.Reprocess", "DLT reprocessing"),
     ("POST", "/v1/dead-letters/{dlt_topic}/discard", "DeadLetters.Discard", "DLT reprocessing"),
 ]
@@ -54,11 +59,17 @@ def create_rest_app(*, monitor: BackendMonitor) -> FastAPI:
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
+        # Label by route name (the RPC), never by raw path, so label values stay bounded.
         route = request.scope.get("route")
-        rpc = getattr(route, "name", None) or "unmatched"
+        rpc = getattr(route, "name", None) or ("unmatched" if response.status_code == 404 else "other")
         failed = response.status_code >= 400
-        observe("rest", rpc, str(response.status_code), str(response.status_code) if failed else None,
-                time.perf_counter() - started)
+        observe(
+            "rest",
+            rpc,
+            str(response.status_code),
+            str(response.status_code) if failed else None,
+            time.perf_counter() - started,
+        )
         return response
 
     @app.get("/healthz", tags=["operations"], name="healthz")

@@ -61,6 +61,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        body = {"error": {"code": 500, "status": "INTERNAL", "reason": "INTERNAL",
-                          "message": "internal error; see the gateway log", "metadata": {}}}
+        body = {
+            "error": {
+                "code": 500,
+                "status": "INTERNAL",
+                "reason": "INTERNAL",
+                "message": "internal error; see the gateway log",
+                "metadata": {},
+            }
+        }
         return JSONResponse(body, status_code=500)

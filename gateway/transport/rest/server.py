@@ -26,11 +26,19 @@ def create_rest_server(settings: RestSettings, app: FastAPI) -> tuple[EmbeddedSe
     """Bind the socket now (port 0 picks a free port) so the caller knows the port before serving."""
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind REST to {settings.host}:{settings.port}: {exc.strerror}") from exc
     sock.set_inheritable(True)
     port = int(sock.getsockname()[1])
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=30,
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=30,
         server_header=False,
     )
     return EmbeddedServer(config), sock, port

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real Kafka broker and Redis server for this test session.
+
+The devstack starts them on free ports in a fresh folder (and stops them at the end), unless
+`KPG_TEST_KAFKA_BOOTSTRAP` and `KPG_TEST_REDIS_URL` name a stack to reuse.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.devstack import DevStack
+from gateway.settings import KafkaSettings, RedisSettings
+
+
+@dataclass(frozen=True)
+class Backends:
+    bootstrap_servers: str
+    redis_url: str
+
+    def kafka(self, **overrides: object) -> KafkaSettings:
+        return KafkaSettings.model_validate({"bootstrap_servers": self.bootstrap_servers, **overrides})
+
+    def redis(self) -> RedisSettings:
+        return RedisSettings(url=self.redis_url)
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+    bootstrap = os.environ.get("KPG_TEST_KAFKA_BOOTSTRAP")
+    redis_url = os.environ.get("KPG_TEST_REDIS_URL")
+    if bootstrap and redis_url:
+        yield Backends(bootstrap, redis_url)
+        return
+    stack = DevStack(tmp_path_factory.mktemp("devstack"))
+    try:
+        info = stack.up(kafka_port=0, controller_port=0, redis_port=0)
+        yield Backends(info.bootstrap_servers, info.redis_url)
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix, so tests never share topics, groups or keys."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,244 @@
+"""The running gateway as a user sees it, through the generated Python client and plain HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kpg import GatewayClient, error_details
+from kpg.v1 import dead_letters_pb2, event_store_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
+
+from gateway.adapters.kafka import KafkaAdmin
+from tests.conftest import Backends
+from tests.support import GatewayProcess
+
+pytestmark = pytest.mark.e2e
+
+# The contract's REST routes (../shared/API.md, "REST bridge"), written out here so that a route the
+# gateway stops serving fails this test.
+CONTRACT_ROUTES = {
+    ("post", "/v1/streams/{category}/{stream_id}/events"),
+    ("get", "/v1/streams/{category}/{stream_id}/events"),
+    ("get", "/v1/streams/{category}/subscribe"),
+    ("get", "/v1/read-models/{read_model}/documents/{key}"),
+    ("post", "/v1/read-models/{read_model}/query"),
+    ("get", "/v1/read-models/{read_model}"),
+    ("post", "/v1/read-models/{read_model}/rebuild"),
+    ("get", "/v1/read-models"),
+    ("post", "/v1/sagas"),
+    ("get", "/v1/sagas/{saga_id}"),
+    ("get", "/v1/sagas"),
+    ("post", "/v1/requests/{topic}"),
+    ("get", "/v1/replies/{correlation_id}"),
+    ("get", "/v1/dead-letters"),
+    ("get", "/v1/dead-letters/{dlt_topic}"),
+    ("get", "/v1/dead-letters/{dlt_topic}/{partition}/{offset}"),
+    ("post", "/v1/dead-letters/{dlt_topic}/reprocess"),
+    ("post", "/v1/dead-letters/{dlt_topic}/discard"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+}
+
+
+async def test_reflection_lists_every_service(gateway: GatewayProcess) -> None:
+    async with grpc.aio.insecure_channel(gateway.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    services = {s.name for s in responses[0].list_services_response.service}
+    assert {
+        "kpg.v1.EventStore",
+        "kpg.v1.ReadModels",
+        "kpg.v1.Sagas",
+        "kpg.v1.RequestReply",
+        "kpg.v1.DeadLetters",
+        "grpc.health.v1.Health",
+    } <= services
+
+
+async def test_unknown_rpc_is_unimplemented(gateway: GatewayProcess) -> None:
+    async with grpc.aio.insecure_channel(gateway.target) as channel:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/kpg.v1.EventStore/NoSuchRpc"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call(b"")
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    ("service", "rpc", "request_message", "pattern"),
+    [
+        (
+            "read_models",
+            "Get",
+            read_models_pb2.GetDocumentRequest(read_model="order_summary", key="o-1"),
+            "query-read-model",
+        ),
+        ("sagas", "StartSaga", sagas_pb2.StartSagaRequest(saga_type="place_order"), "start-saga"),
+        (
+            "requests",
+            "Request",
+            request_reply_pb2.RequestMessage(topic="inventory.requests"),
+            "request-reply",
+        ),
+        (
+            "dead_letters",
+            "ListDeadLetterTopics",
+            dead_letters_pb2.ListDeadLetterTopicsRequest(),
+            "DLT reprocessing",
+        ),
+    ],
+)
+async def test_unimplemented_rpc_says_which_pattern_brings_it(
+    gateway: GatewayProcess, service: str, rpc: str, request_message: object, pattern: str
+) -> None:
+    async with GatewayClient(gateway.target) as client:
+        method = getattr(getattr(client, service), rpc)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await method(request_message)
+    details = error_details(raised.value)
+    assert details.code == grpc.StatusCode.UNIMPLEMENTED
+    assert details.reason == "UNIMPLEMENTED"
+    assert pattern in details.message
+    assert details.metadata["pattern"] == pattern
+
+
+async def test_unimplemented_streaming_rpc(gateway: GatewayProcess) -> None:
+    async with GatewayClient(gateway.target) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in client.events.Subscribe(event_store_pb2.SubscribeRequest(category="orders")):
+                pass
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "append-event" in (raised.value.details() or "")
+
+
+async def test_openapi_lists_the_rest_routes(gateway: GatewayProcess) -> None:
+    async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
+        spec = (await http.get("/openapi.json")).json()
+        docs = await http.get("/docs")
+    served = {(method, path) for path, item in spec["paths"].items() for method in item}
+    assert served >= CONTRACT_ROUTES
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+async def test_rest_errors_have_the_contract_body(gateway: GatewayProcess) -> None:
+    async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
+        planned = await http.post("/v1/sagas", json={"sagaType": "place_order"})
+        unknown = await http.get("/v1/no-such-route")
+    assert planned.status_code == 501
+    assert planned.json()["error"]["reason"] == "UNIMPLEMENTED"
+    assert unknown.status_code == 404
+    assert unknown.json() == {
+        "error": {
+            "code": 404,
+            "status": "NOT_FOUND",
+            "reason": "NOT_FOUND",
+            "message": "no route GET /v1/no-such-route",
+            "metadata": {},
+        }
+    }
+
+
+async def test_operations_routes_and_metrics(gateway: GatewayProcess) -> None:
+    async with GatewayClient(gateway.target) as client:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.sagas.GetSaga(sagas_pb2.GetSagaRequest(saga_id="s-1"))
+    async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        metrics = (await http.get("/metrics")).text
+    assert ready.status_code == 200 and ready.json()["backends"] == {"kafka": True, "redis": True}
+    assert 'kpg_requests_total{code="UNIMPLEMENTED",rpc="Sagas.GetSaga",transport="grpc"}' in metrics
+    assert 'kpg_request_errors_total{reason="UNIMPLEMENTED",rpc="Sagas.GetSaga",transport="grpc"}' in metrics
+    assert 'kpg_request_duration_seconds_bucket{le="0.005",rpc="Sagas.GetSaga",transport="grpc"}' in metrics
+    assert 'kpg_requests_total{code="200",rpc="readyz",transport="rest"}' in metrics
+
+
+async def test_definitions_topics_are_created_with_their_partitions(
+    gateway: GatewayProcess, backends: Backends
+) -> None:
+    topics = await KafkaAdmin(backends.kafka()).list_topics()
+    assert topics["orders.events"] == 6
+    for name in ("inventory.commands", "payment.commands", "orders.commands", "inventory.requests"):
+        assert name in topics
+
+
+def test_bad_definitions_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "definitions.yaml"
+    bad.write_text(
+        "categories:\n  orders: {}\nread_models:\n  order_summary:\n    category: shipments\n"
+        "    python: shop.projections:summary\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--definitions",
+            str(bad),
+            "--grpc-port",
+            "0",
+            "--rest-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "read_models.order_summary.category" in result.stderr
+    assert "unknown category 'shipments'" in result.stderr
+
+
+async def test_sigterm_stops_gracefully(backends: Backends, tmp_path: Path) -> None:
+    from tests.support import SERVING, wait_for_health
+
+    process = GatewayProcess(
+        tmp_path,
+        env={
+            "KPG_KAFKA__BOOTSTRAP_SERVERS": backends.bootstrap_servers,
+            "KPG_REDIS__URL": backends.redis_url,
+        },
+    ).start()
+    try:
+        await wait_for_health(process.target, SERVING, process=process)
+        assert process.terminate() == 0
+        assert '"message": "stopped"' in process.log()
+    finally:
+        process.kill()
+
+
+@pytest.mark.parametrize("taken", ["grpc", "rest"])
+def test_taken_port_is_a_clear_error(gateway: GatewayProcess, taken: str) -> None:
+    grpc_port = gateway.grpc_port if taken == "grpc" else 0
+    rest_port = gateway.rest_port if taken == "rest" else 0
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--grpc-port",
+            str(grpc_port),
+            "--rest-port",
+            str(rest_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    port = grpc_port or rest_port
+    assert (
+        f"kpg serve: cannot bind {'gRPC' if taken == 'grpc' else 'REST'} to 127.0.0.1:{port}" in result.stderr
+    )

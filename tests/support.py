@@ -1,0 +1,107 @@
+"""Test helpers: a real `kpg serve` process, and waiting on gRPC health by watching it (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.devstack.processes import free_port
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GatewayProcess:
+    """`kpg serve` as a user runs it, on free ports, with its output in a log file."""
+
+    def __init__(self, workdir: Path, *, env: Mapping[str, str], args: list[str] | None = None) -> None:
+        self.grpc_port = free_port()
+        self.rest_port = free_port()
+        self.workdir = workdir
+        self.log_path = workdir / f"gateway-{self.grpc_port}.log"
+        self.env = {
+            **os.environ,
+            "KPG_STATE_DIR": str(workdir / "state"),
+            "KPG_HEALTH__CHECK_INTERVAL_S": "0.2",
+            "KPG_HEALTH__CHECK_TIMEOUT_S": "1",
+            "KPG_LOG_FORMAT": "json",
+            **env,
+        }
+        self.args = args or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    def start(self) -> GatewayProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--grpc-port",
+                str(self.grpc_port),
+                "--rest-port",
+                str(self.rest_port),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout_s: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+async def wait_for_health(
+    target: str,
+    status: int,
+    *,
+    service: str = "",
+    timeout_s: float = 60,
+    process: GatewayProcess | None = None,
+) -> None:
+    """Watch the gRPC health service until it reports `status` (streamed by the server on every change)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            async with grpc.aio.insecure_channel(target) as channel:
+                try:
+                    await channel.channel_ready()
+                    stub = health_pb2_grpc.HealthStub(channel)
+                    async for update in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
+                        if update.status == status:
+                            return
+                except grpc.aio.AioRpcError:
+                    pass  # the server is not up yet, or went away: reconnect
+            if process is not None and process.process is not None and process.process.poll() is not None:
+                raise AssertionError(f"gateway exited with {process.process.returncode}:\n{process.log()}")
+            await asyncio.sleep(0.1)
