@@ -42,8 +42,9 @@ up: setup
 	@mkdir -p $(STATE)/logs
 	@if [ -f $(STATE)/gateway.pid ] && kill -0 $$(cat $(STATE)/gateway.pid) 2>/dev/null; then \
 	  echo "gateway already running (pid $$(cat $(STATE)/gateway.pid))"; else \
-	  eval "$$($(KPG) dev env)" && nohup $(KPG) serve --definitions $(DEFINITIONS) \
-	    >> $(STATE)/logs/gateway.log 2>&1 & echo $$! > $(STATE)/gateway.pid; fi
+	  eval "$$($(KPG) dev env)"; \
+	  nohup $(KPG) serve --definitions $(DEFINITIONS) >> $(STATE)/logs/gateway.log 2>&1 < /dev/null & \
+	  echo $$! > $(STATE)/gateway.pid; fi
 	@for i in $$(seq 1 120); do \
 	  curl -fs http://127.0.0.1:8080/readyz >/dev/null 2>&1 && { echo "gateway ready: gRPC 127.0.0.1:50051, REST http://127.0.0.1:8080"; exit 0; }; \
 	  kill -0 $$(cat $(STATE)/gateway.pid) 2>/dev/null || { echo "gateway exited; see $(STATE)/logs/gateway.log"; exit 1; }; \
