@@ -79,6 +79,12 @@ class BackendMonitor:
             await asyncio.sleep(self.interval_s)
 
     async def stop(self) -> None:
+        """Stop checking and report NOT_SERVING, so load balancers drain this instance while it stops."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        was_ready = self.ready
+        self._initialised = False
+        if was_ready:
+            for listener in self._listeners:
+                await listener(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kpg import GatewayClient, error_details
 from kpg.v1 import dead_letters_pb2, event_store_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
 
 from gateway.adapters.kafka import KafkaAdmin
 from tests.conftest import Backends
-from tests.support import GatewayProcess
+from tests.support import NOT_SERVING, SERVING, GatewayProcess, wait_for_health
 
 pytestmark = pytest.mark.e2e
 
@@ -199,19 +201,27 @@ def test_bad_definitions_file_stops_start_up_naming_the_key(tmp_path: Path) -> N
     assert "unknown category 'shipments'" in result.stderr
 
 
-async def test_sigterm_stops_gracefully(backends: Backends, tmp_path: Path) -> None:
-    from tests.support import SERVING, wait_for_health
-
+async def test_sigterm_drains_then_stops(backends: Backends, tmp_path: Path) -> None:
     process = GatewayProcess(
         tmp_path,
         env={
             "KPG_KAFKA__BOOTSTRAP_SERVERS": backends.bootstrap_servers,
             "KPG_REDIS__URL": backends.redis_url,
+            "KPG_SHUTDOWN_GRACE_S": "2",
         },
     ).start()
     try:
         await wait_for_health(process.target, SERVING, process=process)
-        assert process.terminate() == 0
+        statuses = []
+        async with grpc.aio.insecure_channel(process.target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            statuses.append((await watch.read()).status)
+            assert process.process is not None
+            process.process.send_signal(signal.SIGTERM)
+            # Health turns NOT_SERVING first, so load balancers drain this instance while it stops.
+            statuses.append((await watch.read()).status)
+        assert statuses == [SERVING, NOT_SERVING]
+        assert process.process.wait(30) == 0
         assert '"message": "stopped"' in process.log()
     finally:
         process.kill()
