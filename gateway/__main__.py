@@ -16,15 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
-from gateway.adapters.redis import RedisClient
-from gateway.adapters.sql import Database
+from gateway.adapters.redis import IdempotencyStore, LeaseStore, RedisClient
+from gateway.adapters.sql import Database, StreamIndex
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
+from gateway.services.events import EventStore
 from gateway.services.health import BackendMonitor
+from gateway.services.idempotency import Idempotency, IdempotencySettings
+from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
 from gateway.transport.grpc import create_grpc_server
-from gateway.transport.grpc.servicers import default_bindings
+from gateway.transport.grpc.servicers import bindings
 from gateway.transport.rest import create_rest_app, create_rest_server
+from gateway.transport.rest.events import event_store_router
 
 log = logging.getLogger("gateway")
 
@@ -37,12 +41,31 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     admin = KafkaAdmin(settings.kafka)
     redis = RedisClient(settings.redis)
     database = Database(settings.database_url)
+    index_topics = [definitions.category_topic(c) for c in definitions.categories]
+    if definitions.allow_undeclared_categories:
+        index_topics.append(r"^.*\.events$")
+    indexer = StreamIndexer(settings.kafka, StreamIndex(database), topics=index_topics)
+    events = EventStore(
+        settings=settings.events,
+        kafka=settings.kafka,
+        definitions=definitions,
+        admin=admin,
+        leases=LeaseStore(redis),
+        idempotency=Idempotency(
+            IdempotencyStore(redis),
+            IdempotencySettings(settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms),
+        ),
+        indexer=indexer,
+    )
+    write_timeout_s = settings.events.subscriber_write_timeout_ms / 1000
 
     async def create_topics() -> None:
         topics = definitions.topics_to_create(settings.kafka.default_partitions)
         created = await admin.ensure_topics(TopicSpec(name, parts) for name, parts in topics.items())
         if created:
             log.info("created topics: %s", ", ".join(sorted(created)))
+        if index_topics:
+            await indexer.start()
 
     monitor = BackendMonitor(
         probes={"kafka": lambda: admin.ping(settings.health.check_timeout_s), "redis": redis.ping},
@@ -51,9 +74,12 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         on_first_ready=create_topics,
     )
     grpc_server, grpc_port = await create_grpc_server(
-        settings.grpc, bindings=default_bindings(), monitor=monitor
+        settings.grpc, bindings=bindings(events, write_timeout_s=write_timeout_s), monitor=monitor
     )
-    rest_server, rest_socket, rest_port = create_rest_server(settings.rest, create_rest_app(monitor=monitor))
+    rest_app = create_rest_app(
+        monitor=monitor, routers=[event_store_router(events, write_timeout_s=write_timeout_s)]
+    )
+    rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -79,6 +105,8 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     await monitor.stop()
     rest_server.should_exit = True
     await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), rest_task, return_exceptions=True)
+    await events.close()
+    await indexer.stop()
     await producer.close(settings.shutdown_grace_s)
     await redis.close()
     database.close()

@@ -34,6 +34,8 @@ class Reason(enum.Enum):
     BACKEND_UNAVAILABLE = _Mapping("UNAVAILABLE", 503)
     # Not in the contract's table: answered only by RPCs whose pattern has not landed yet.
     UNIMPLEMENTED = _Mapping("UNIMPLEMENTED", 501)
+    # Not in the table either: a subscriber that stopped taking events is disconnected (it resumes later).
+    SUBSCRIBER_TOO_SLOW = _Mapping("RESOURCE_EXHAUSTED", 429)
 
     @property
     def grpc_code(self) -> str:
@@ -138,3 +140,8 @@ class NotImplementedYet(GatewayError):
             f"{rpc} is not implemented yet: it arrives with the {pattern} pattern",
             metadata={"rpc": rpc, "pattern": pattern},
         )
+
+
+class SubscriberTooSlow(GatewayError):
+    reason = Reason.SUBSCRIBER_TOO_SLOW
+    retryable = True

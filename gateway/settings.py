@@ -56,6 +56,27 @@ class HealthSettings(_Frozen):
     check_timeout_s: float = Field(default=3.0, gt=0)
 
 
+class EventsSettings(_Frozen):
+    """append-event: limits, idempotency and the per-partition writers."""
+
+    max_events_per_append: int = Field(default=1000, ge=1)
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_append_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    idempotency_ttl_ms: int = Field(default=24 * 3600 * 1000, ge=1000)
+    idempotency_in_flight_ttl_ms: int = Field(default=60_000, ge=1000)
+    # A writer holds its partition's lease while it appends; a crashed holder's lease ends after lease_ttl_ms.
+    lease_ttl_ms: int = Field(default=5_000, ge=500)
+    lease_renew_ms: int = Field(default=100, ge=10)
+    # How long an append may wait for its partition's writer (another gateway may hold it) and for Kafka.
+    append_timeout_ms: int = Field(default=15_000, ge=100)
+    transaction_timeout_ms: int = Field(default=10_000, ge=1000)
+    max_batch_events: int = Field(default=5_000, ge=1)
+    read_default_count: int = Field(default=100, ge=1)
+    read_max_count: int = Field(default=1_000, ge=1)
+    # A subscriber that takes no event for this long is disconnected (it can resume from its position).
+    subscriber_write_timeout_ms: int = Field(default=30_000, ge=100)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KPG_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -67,6 +88,7 @@ class Settings(BaseSettings):
     grpc: GrpcSettings = GrpcSettings()
     rest: RestSettings = RestSettings()
     health: HealthSettings = HealthSettings()
+    events: EventsSettings = EventsSettings()
     definitions: Path | None = None
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

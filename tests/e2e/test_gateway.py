@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kpg import GatewayClient, error_details
-from kpg.v1 import dead_letters_pb2, event_store_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
+from kpg.v1 import dead_letters_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
 
 from gateway.adapters.kafka import KafkaAdmin
 from tests.conftest import Backends
@@ -115,10 +115,10 @@ async def test_unimplemented_rpc_says_which_pattern_brings_it(
 async def test_unimplemented_streaming_rpc(gateway: GatewayProcess) -> None:
     async with GatewayClient(gateway.target) as client:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in client.events.Subscribe(event_store_pb2.SubscribeRequest(category="orders")):
+            async for _ in client.sagas.WatchSaga(sagas_pb2.WatchSagaRequest(saga_id="s-1")):
                 pass
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "append-event" in (raised.value.details() or "")
+    assert "start-saga" in (raised.value.details() or "")
 
 
 async def test_openapi_lists_the_rest_routes(gateway: GatewayProcess) -> None:

@@ -4,6 +4,8 @@ from gateway.adapters.kafka.admin import KafkaAdmin, TopicSpec, kafka_answers
 from gateway.adapters.kafka.consumer import ConsumerRunner
 from gateway.adapters.kafka.producer import AsyncProducer
 from gateway.adapters.kafka.records import Delivery, Header, Record
+from gateway.adapters.kafka.tail import TopicTail
+from gateway.adapters.kafka.transactional import OutcomeUnknown, OutRecord, TransactionalProducer, WriterFenced
 
 __all__ = [
     "AsyncProducer",
@@ -11,6 +13,11 @@ __all__ = [
     "Delivery",
     "Header",
     "KafkaAdmin",
+    "OutRecord",
+    "OutcomeUnknown",
+    "TopicTail",
+    "TransactionalProducer",
+    "WriterFenced",
     "Record",
     "TopicSpec",
     "kafka_answers",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]
 
 from gateway.adapters.kafka.config import base_config
@@ -115,6 +115,30 @@ class KafkaAdmin:
 
         marks: dict[int, tuple[int, int]] = await self._run(offsets)
         return marks
+
+    async def end_offset(self, topic: str, partition: int, timeout_s: float = 10.0) -> int:
+        """The last stable offset: where a read_committed reader of the partition ends."""
+        def offset() -> int:
+            tp = TopicPartition(topic, partition)
+            futures = self._client.list_offsets(
+                {tp: OffsetSpec.latest()}, isolation_level=IsolationLevel.READ_COMMITTED,  # type: ignore[no-untyped-call]
+                request_timeout=timeout_s,
+            )
+            return int(futures[tp].result().offset)
+
+        end: int = await self._run(offset)
+        return end
+
+    async def partitions(self, topic: str, timeout_s: float = 10.0) -> int | None:
+        """The topic's partition count, or None when it does not exist."""
+        def count() -> int | None:
+            metadata = self._client.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            if metadata is None or metadata.error is not None:
+                return None
+            return len(metadata.partitions)
+
+        found: int | None = await self._run(count)
+        return found
 
     async def _run(self, fn: Any) -> Any:
         try:

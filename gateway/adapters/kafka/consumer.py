@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.records import Record
@@ -24,6 +24,10 @@ from gateway.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[Sequence[Record]], Awaitable[None]]
+TopicPartitionKey = tuple[str, int]
+# Where to start each newly assigned partition, when the offsets live with the data (not in Kafka).
+StartOffsets = Callable[[list[TopicPartitionKey]], dict[TopicPartitionKey, int]]
+PositionsHandler = Callable[[dict[TopicPartitionKey, int]], Awaitable[None]]
 
 
 class ConsumerRunner:
@@ -37,6 +41,8 @@ class ConsumerRunner:
         batch_size: int = 500,
         poll_timeout_s: float = 0.2,
         retry_backoff_s: float = 0.5,
+        start_offsets: StartOffsets | None = None,
+        on_positions: PositionsHandler | None = None,
         **overrides: Any,
     ) -> None:
         self.group_id = group_id
@@ -45,6 +51,10 @@ class ConsumerRunner:
         self._batch_size = batch_size
         self._poll_timeout_s = poll_timeout_s
         self._retry_backoff_s = retry_backoff_s
+        # With start_offsets the handler stores its offsets with its data, so Kafka commits are not used.
+        self._start_offsets = start_offsets
+        self._on_positions = on_positions
+        self._positions: dict[TopicPartitionKey, int] = {}
         self._config = consumer_config(settings, group_id, **overrides)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
         self._consumer: Consumer | None = None
@@ -81,9 +91,18 @@ class ConsumerRunner:
     # processed and committed, so revoking loses nothing and hands over no uncommitted work.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        if self._start_offsets is not None and partitions:
+            offsets = self._start_offsets([(tp.topic, tp.partition) for tp in partitions])
+            for tp in partitions:
+                tp.offset = offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            consumer.incremental_assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:
+            self._positions.pop((tp.topic, tp.partition), None)
+        if self._start_offsets is not None and partitions:
+            consumer.incremental_unassign(partitions)
 
     def _consume(self) -> list[Record]:
         assert self._consumer is not None
@@ -98,11 +117,24 @@ class ConsumerRunner:
                     raise KafkaException(error)
                 log.warning("consumer %s: %s", self.group_id, error.str())
                 continue
-            records.append(_to_record(message))
+            records.append(to_record(message))
         return records
+
+    def _changed_positions(self) -> dict[TopicPartitionKey, int]:
+        """Positions that moved since last asked: past records, and past transaction markers too."""
+        assert self._consumer is not None
+        assigned = [TopicPartition(t, p) for t, p in self.assignment]
+        changed = {}
+        for tp in self._consumer.position(assigned) if assigned else []:
+            key = (tp.topic, tp.partition)
+            if tp.offset >= 0 and self._positions.get(key) != tp.offset:
+                changed[key] = self._positions[key] = tp.offset
+        return changed
 
     def _commit(self, records: Sequence[Record]) -> None:
         assert self._consumer is not None
+        if self._start_offsets is not None:
+            return
         offsets = {(r.topic, r.partition): r.offset + 1 for r in records}
         self._consumer.commit(
             offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
@@ -123,6 +155,10 @@ class ConsumerRunner:
                 records = await self._call(self._consume)
                 if records:
                     await self._handle(records)
+                if self._on_positions is not None:
+                    changed = await self._call(self._changed_positions)
+                    if changed:
+                        await self._on_positions(changed)
             except BackendUnavailable as exc:
                 # A failed commit means redelivery, never a skip: processing is at-least-once.
                 log.error("%s; retrying", exc)
@@ -139,7 +175,7 @@ class ConsumerRunner:
         await self._call(self._commit, records)
 
 
-def _to_record(message: Message) -> Record:
+def to_record(message: Message) -> Record:
     _, timestamp = message.timestamp()
     key = message.key()
     value = message.value()

@@ -1,5 +1,6 @@
 """The only package that imports redis. Lua scripts live in `scripts/` beside it as `.lua` files."""
 
 from gateway.adapters.redis.client import RedisClient, redis_answers
+from gateway.adapters.redis.stores import Begin, BeginOutcome, IdempotencyStore, LeaseStore
 
-__all__ = ["RedisClient", "redis_answers"]
+__all__ = ["Begin", "BeginOutcome", "IdempotencyStore", "LeaseStore", "RedisClient", "redis_answers"]

@@ -1,5 +1,6 @@
 """The only package that imports sqlmodel / SQLAlchemy."""
 
 from gateway.adapters.sql.database import Database
+from gateway.adapters.sql.stream_index import StreamIndex
 
-__all__ = ["Database"]
+__all__ = ["Database", "StreamIndex"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from typing import Any
+
+from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import create_engine, text
@@ -27,6 +30,15 @@ class Database:
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        if parsed.get_backend_name() == "sqlite":
+            # WAL lets readers run while the indexer writes; busy_timeout waits for a lock instead of failing.
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute("PRAGMA busy_timeout=10000")
+                cursor.close()
 
     async def ping(self) -> bool:
         def ask() -> bool:

@@ -6,6 +6,7 @@ naming the pattern, so clients generated today get a clear status instead of a h
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,9 @@ from kpg.v1 import (
     sagas_pb2_grpc,
 )
 
-from gateway.errors import NotImplementedYet
+from gateway.errors import NotImplementedYet, SubscriberTooSlow
+from gateway.services.events import EventStore
+from gateway.transport import convert
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +88,52 @@ def default_bindings() -> list[ServiceBinding]:
         register = getattr(pb2_grpc, f"add_{name}Servicer_to_server")
         bindings.append(ServiceBinding(descriptor, placeholder(descriptor, base, pattern), register))
     return bindings
+
+
+class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
+    """kpg.v1.EventStore over gRPC: convert, call the service, convert back."""
+
+    def __init__(self, store: EventStore, *, write_timeout_s: float) -> None:
+        self._store = store
+        self._write_timeout_s = write_timeout_s
+
+    async def AppendEvents(  # noqa: N802 - gRPC method names
+        self, request: event_store_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> event_store_pb2.AppendEventsResponse:
+        return convert.append_result_to_pb(await self._store.append(convert.append_from_pb(request)))
+
+    async def ReadStream(  # noqa: N802
+        self, request: event_store_pb2.ReadStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> event_store_pb2.ReadStreamResponse:
+        events, head = await self._store.read_stream(
+            request.category, request.stream_id, from_version=request.from_version,
+            max_count=request.max_count, backwards=request.backwards,
+        )
+        return event_store_pb2.ReadStreamResponse(events=[convert.event_to_pb(e) for e in events],
+                                                  stream_version=head)
+
+    async def Subscribe(  # noqa: N802
+        self, request: event_store_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        events = await self._store.subscribe(
+            request.category, request.stream_id, from_version=request.from_version,
+            from_position=request.from_position,
+        )
+        async for event, position in events:
+            try:
+                await asyncio.wait_for(context.write(convert.event_to_pb(event, position=position)),
+                                       self._write_timeout_s)
+            except TimeoutError:
+                raise SubscriberTooSlow(
+                    f"the subscriber took no event for {self._write_timeout_s:.0f}s; resume from the last "
+                    "position it received", metadata={"position": position},
+                ) from None
+
+
+def bindings(event_store: EventStore, *, write_timeout_s: float) -> list[ServiceBinding]:
+    """The services of this gateway: implemented ones replace their placeholder."""
+    implemented = {"kpg.v1.EventStore": EventStoreServicer(event_store, write_timeout_s=write_timeout_s)}
+    return [
+        ServiceBinding(b.descriptor, implemented.get(b.full_name, b.servicer), b.register)
+        for b in default_bindings()
+    ]

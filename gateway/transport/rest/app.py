@@ -7,9 +7,9 @@ the contract's error body, naming the pattern.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,9 +20,6 @@ from gateway.transport.rest.errors import install_error_handlers
 
 # (method, path, rpc, pattern): the contract's REST routes that later issues implement.
 PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
-    ("POST", "/v1/streams/{category}/{stream_id}/events", "EventStore.AppendEvents", "append-event"),
-    ("GET", "/v1/streams/{category}/{stream_id}/events", "EventStore.ReadStream", "append-event"),
-    ("GET", "/v1/streams/{category}/subscribe", "EventStore.Subscribe", "append-event"),
     ("GET", "/v1/read-models", "ReadModels.ListReadModels", "query-read-model"),
     ("GET", "/v1/read-models/{read_model}", "ReadModels.GetStatus", "query-read-model"),
     ("GET", "/v1/read-models/{read_model}/documents/{key}", "ReadModels.Get", "query-read-model"),
@@ -46,7 +43,7 @@ PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
 ]
 
 
-def create_rest_app(*, monitor: BackendMonitor) -> FastAPI:
+def create_rest_app(*, monitor: BackendMonitor, routers: Sequence[APIRouter] = ()) -> FastAPI:
     app = FastAPI(
         title="Kafka Pattern Gateway",
         version="v1",
@@ -88,6 +85,8 @@ def create_rest_app(*, monitor: BackendMonitor) -> FastAPI:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    for router in routers:
+        app.include_router(router)
     for method, path, rpc, pattern in PLANNED_ROUTES:
         app.add_api_route(
             path,

@@ -1,0 +1,214 @@
+"""The stream index: every gateway event, by stream and version, in SQL.
+
+Built by one consumer of the category topics (services/stream_indexer.py). Each batch's rows, the stream
+heads and the consumer's next offsets are written in one transaction, so a crash or a redelivery never
+indexes an event twice or skips one. ReadStream and head recovery read here, never by scanning a topic.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, tuple_
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from gateway.adapters.sql.database import Database
+from gateway.domain.events import StoredEvent
+from gateway.errors import BackendUnavailable
+
+
+class StreamEventRow(SQLModel, table=True):
+    __tablename__ = "kpg_stream_events"
+
+    category: str = Field(primary_key=True)
+    stream_id: str = Field(primary_key=True)
+    version: int = Field(primary_key=True)
+    event_id: str = Field(index=True)
+    type: str
+    data: bytes
+    content_type: str
+    metadata_json: str
+    recorded_at: datetime
+    topic: str
+    partition: int
+    offset: int
+    correlation_id: str = ""
+    causation_id: str = ""
+
+    def to_event(self) -> StoredEvent:
+        return StoredEvent(
+            event_id=self.event_id, category=self.category, stream_id=self.stream_id, version=self.version,
+            type=self.type, data=self.data, content_type=self.content_type,
+            metadata=json.loads(self.metadata_json), recorded_at=self.recorded_at, topic=self.topic,
+            partition=self.partition, offset=self.offset, correlation_id=self.correlation_id,
+            causation_id=self.causation_id,
+        )
+
+
+class StreamHeadRow(SQLModel, table=True):
+    __tablename__ = "kpg_stream_heads"
+
+    category: str = Field(primary_key=True)
+    stream_id: str = Field(primary_key=True)
+    version: int
+    partition: int
+    offset: int
+
+
+class IndexProgressRow(SQLModel, table=True):
+    __tablename__ = "kpg_stream_index_progress"
+
+    topic: str = Field(primary_key=True)
+    partition: int = Field(primary_key=True)
+    next_offset: int
+
+
+class IndexMetaRow(SQLModel, table=True):
+    __tablename__ = "kpg_stream_index_meta"
+
+    key: str = Field(primary_key=True)
+    value: str
+
+
+TopicPartition = tuple[str, int]
+
+
+class StreamIndex:
+    def __init__(self, database: Database) -> None:
+        self._engine = database.engine
+        try:
+            SQLModel.metadata.create_all(
+                self._engine,
+                tables=[t.__table__ for t in (StreamEventRow, StreamHeadRow, IndexProgressRow, IndexMetaRow)],  # type: ignore[attr-defined]
+            )
+        except SQLAlchemyError as exc:
+            raise BackendUnavailable(f"cannot create the stream index tables: {exc}") from exc
+
+    def _session(self) -> Session:
+        return Session(self._engine, expire_on_commit=False)
+
+    def index_id(self) -> str:
+        """A stable id of this index (this database): gateways sharing the database share its consumer group."""
+        with self._session() as session:
+            row = session.get(IndexMetaRow, "index_id")
+            if row is None:
+                session.add(IndexMetaRow(key="index_id", value=uuid.uuid4().hex[:16]))
+                try:
+                    session.commit()
+                except SQLAlchemyError:  # another gateway created it first
+                    session.rollback()
+                row = session.get(IndexMetaRow, "index_id")
+            assert row is not None
+            return row.value
+
+    def apply(self, events: Sequence[StoredEvent], positions: dict[TopicPartition, int]) -> list[StoredEvent]:
+        """Index a batch and advance the offsets in one transaction; returns the events newly indexed
+        (a redelivered or superseded version is skipped)."""
+        with self._session() as session:
+            progress = {
+                (r.topic, r.partition): r
+                for r in session.exec(select(IndexProgressRow).where(
+                    tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(list(positions))
+                ))
+            } if positions else {}
+            heads: dict[tuple[str, str], StreamHeadRow] = {}
+            keys = list({(e.category, e.stream_id) for e in events})
+            for chunk in _chunks(keys, 200):
+                for head in session.exec(select(StreamHeadRow).where(
+                    tuple_(col(StreamHeadRow.category), col(StreamHeadRow.stream_id)).in_(chunk)
+                )):
+                    heads[(head.category, head.stream_id)] = head
+            added = []
+            for event in events:
+                done = progress.get((event.topic, event.partition))
+                if done is not None and event.offset < done.next_offset:
+                    continue  # redelivered: already indexed
+                head = heads.get((event.category, event.stream_id))
+                if head is not None and event.version <= head.version:
+                    continue  # a version this stream already has (first in the log wins)
+                session.add(_row(event))
+                if head is None:
+                    head = StreamHeadRow(category=event.category, stream_id=event.stream_id, version=0,
+                                         partition=event.partition, offset=event.offset)
+                    heads[(event.category, event.stream_id)] = head
+                head.version, head.partition, head.offset = event.version, event.partition, event.offset
+                session.add(head)
+                added.append(event)
+            for (topic, partition), next_offset in positions.items():
+                row = progress.get((topic, partition))
+                if row is None:
+                    session.add(IndexProgressRow(topic=topic, partition=partition, next_offset=next_offset))
+                elif next_offset > row.next_offset:
+                    row.next_offset = next_offset
+                    session.add(row)
+            session.commit()
+            return added
+
+    def progress(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        wanted = list(partitions)
+        if not wanted:
+            return {}
+        with self._session() as session:
+            rows = session.exec(select(IndexProgressRow).where(
+                tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(wanted)
+            ))
+            found = {(r.topic, r.partition): r.next_offset for r in rows}
+        return {tp: found.get(tp, 0) for tp in wanted}
+
+    def head(self, category: str, stream_id: str) -> int:
+        with self._session() as session:
+            row = session.get(StreamHeadRow, (category, stream_id))
+            return row.version if row else 0
+
+    def read(
+        self, category: str, stream_id: str, *, from_version: int, max_count: int, backwards: bool
+    ) -> tuple[list[StoredEvent], int]:
+        """Up to `max_count` events from `from_version` (inclusive; 0 = the start, or the head backwards)."""
+        with self._session() as session:
+            head = session.get(StreamHeadRow, (category, stream_id))
+            if head is None:
+                return [], 0
+            query = select(StreamEventRow).where(
+                StreamEventRow.category == category, StreamEventRow.stream_id == stream_id
+            )
+            if backwards:
+                if from_version:
+                    query = query.where(col(StreamEventRow.version) <= from_version)
+                query = query.order_by(col(StreamEventRow.version).desc())
+            else:
+                query = query.where(col(StreamEventRow.version) >= max(from_version, 1))
+                query = query.order_by(col(StreamEventRow.version))
+            rows = session.exec(query.limit(max_count)).all()
+            return [r.to_event() for r in rows], head.version
+
+    def find_event_ids(self, category: str, stream_id: str, event_ids: Sequence[str]) -> list[StoredEvent]:
+        with self._session() as session:
+            rows = session.exec(select(StreamEventRow).where(and_(
+                StreamEventRow.category == category, StreamEventRow.stream_id == stream_id,
+                col(StreamEventRow.event_id).in_(list(event_ids)),
+            )).order_by(col(StreamEventRow.version))).all()
+            return [r.to_event() for r in rows]
+
+    def offset_of(self, category: str, stream_id: str, version: int) -> int | None:
+        with self._session() as session:
+            row = session.get(StreamEventRow, (category, stream_id, version))
+            return row.offset if row else None
+
+
+def _row(event: StoredEvent) -> StreamEventRow:
+    return StreamEventRow(
+        category=event.category, stream_id=event.stream_id, version=event.version, event_id=event.event_id,
+        type=event.type, data=event.data, content_type=event.content_type,
+        metadata_json=json.dumps(event.metadata), recorded_at=event.recorded_at, topic=event.topic,
+        partition=event.partition, offset=event.offset, correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+    )
+
+
+def _chunks(items: list[tuple[str, str]], size: int) -> Iterable[list[tuple[str, str]]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,326 @@
+"""Events on Kafka: validation, the CloudEvents (binary mode) record layout, partitioning, positions."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+
+from gateway.errors import FieldViolation, InvalidArgument, PayloadTooLarge
+
+NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+JSON_CONTENT_TYPES = ("application/json", "text/json")
+DEFAULT_CONTENT_TYPE = "application/json"
+META_PREFIX = "kpg-meta-"
+
+
+class Expectation(Enum):
+    ANY = "any"
+    NO_STREAM = "no_stream"
+    STREAM_EXISTS = "stream_exists"
+    EXACT = "exact"
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    kind: Expectation = Expectation.ANY
+    version: int = 0  # for EXACT; 0 means "no stream yet"
+
+    def holds(self, head: int) -> bool:
+        match self.kind:
+            case Expectation.ANY:
+                return True
+            case Expectation.NO_STREAM:
+                return head == 0
+            case Expectation.STREAM_EXISTS:
+                return head > 0
+            case Expectation.EXACT:
+                return head == self.version
+
+    def describe(self) -> str:
+        return str(self.version) if self.kind is Expectation.EXACT else self.kind.name
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    event_id: str
+    type: str
+    data: bytes
+    content_type: str = DEFAULT_CONTENT_TYPE
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    client_id: bool = True  # False when the gateway generated event_id
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    category: str
+    stream_id: str
+    events: tuple[NewEvent, ...]
+    expected: Expected = Expected()
+    idempotency_key: str = ""
+    correlation_id: str = ""
+    causation_id: str = ""
+
+    def fingerprint(self) -> str:
+        """Identifies the request's content, so a reused idempotency key with another body is detected.
+        Generated event ids are left out: a retry of the same body generates new ones."""
+        digest = hashlib.sha256()
+        parts: list[object] = [
+            self.category, self.stream_id, self.expected.kind.value, self.expected.version,
+            self.correlation_id, self.causation_id,
+        ]
+        for event in self.events:
+            parts += [event.event_id if event.client_id else "", event.type, event.content_type,
+                      sorted(event.metadata.items()), hashlib.sha256(event.data).hexdigest()]
+        digest.update(json.dumps(parts, separators=(",", ":")).encode())
+        return digest.hexdigest()
+
+    def implicit_key(self) -> str:
+        """With no idempotency key, client-chosen event ids identify a retry (as in KurrentDB)."""
+        if self.idempotency_key or not all(e.client_id for e in self.events):
+            return self.idempotency_key
+        ids = ",".join(e.event_id for e in self.events)
+        return "event-ids:" + hashlib.sha256(f"{self.category}/{self.stream_id}/{ids}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    first_version: int
+    last_version: int
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    position: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_events: int = 1000
+    max_event_bytes: int = 1024 * 1024
+    max_append_bytes: int = 4 * 1024 * 1024
+
+
+def check_name(field_name: str, value: str, *, category: bool = False) -> None:
+    if not NAME.match(value):
+        raise InvalidArgument.field(field_name, "must be 1-200 characters of [A-Za-z0-9._:@-]")
+    if category and value.startswith(("kpg.", "_")):
+        raise InvalidArgument.field(field_name, "must not start with 'kpg.' or '_'")
+
+
+def _printable(value: str) -> bool:
+    return 1 <= len(value) <= 200 and value.isprintable()
+
+
+def validate_append(request: AppendRequest, limits: Limits) -> None:
+    """Every rule of the contract for AppendEvents that needs no state."""
+    check_name("category", request.category, category=True)
+    check_name("stream_id", request.stream_id)
+    if not request.events:
+        raise InvalidArgument.field("events", "at least one event is required")
+    if len(request.events) > limits.max_events:
+        raise PayloadTooLarge(
+            f"an append holds at most {limits.max_events} events, this one has {len(request.events)}",
+            metadata={"limit": str(limits.max_events), "events": str(len(request.events))},
+        )
+    total = 0
+    seen: set[str] = set()
+    for i, event in enumerate(request.events):
+        where = f"events[{i}]"
+        if not _printable(event.type):
+            raise InvalidArgument.field(f"{where}.type", "must be 1-200 printable characters")
+        try:
+            uuid.UUID(event.event_id)
+        except ValueError:
+            raise InvalidArgument.field(f"{where}.event_id", "must be a UUID") from None
+        if event.event_id in seen:
+            raise InvalidArgument.field(f"{where}.event_id", "repeats an event id of this append")
+        seen.add(event.event_id)
+        for key in event.metadata:
+            if not _printable(key):
+                raise InvalidArgument.field(f"{where}.metadata", f"key {key!r} must be 1-200 printable characters")
+        if len(event.data) > limits.max_event_bytes:
+            raise PayloadTooLarge(
+                f"{where}.data is {len(event.data)} bytes; the limit is {limits.max_event_bytes}",
+                metadata={"limit": str(limits.max_event_bytes), "field": f"{where}.data"},
+            )
+        total += len(event.data)
+        if is_json(event.content_type):
+            try:
+                json.loads(event.data)
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise InvalidArgument(
+                    f"{where}.data is not valid JSON ({exc}) but its content type is {event.content_type}",
+                    violations=(FieldViolation(f"{where}.data", "not valid JSON"),),
+                ) from None
+    if total > limits.max_append_bytes:
+        raise PayloadTooLarge(
+            f"the append carries {total} bytes of data; the limit is {limits.max_append_bytes}",
+            metadata={"limit": str(limits.max_append_bytes)},
+        )
+
+
+def is_json(content_type: str) -> bool:
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base in JSON_CONTENT_TYPES or base.endswith("+json")
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+# --- The record on the wire (contract: "On the wire") -------------------------------------------------
+
+
+def event_headers(
+    request: AppendRequest, event: NewEvent, version: int, recorded_at: datetime
+) -> list[tuple[str, bytes]]:
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event.event_id.encode()),
+        ("ce_source", f"/kpg/{request.category}".encode()),
+        ("ce_type", event.type.encode()),
+        ("ce_subject", request.stream_id.encode()),
+        ("ce_time", recorded_at.isoformat(timespec="microseconds").replace("+00:00", "Z").encode()),
+        ("content-type", event.content_type.encode()),
+        ("ce_streamversion", str(version).encode()),
+    ]
+    if request.correlation_id:
+        headers.append(("ce_correlationid", request.correlation_id.encode()))
+    if request.causation_id:
+        headers.append(("ce_causationid", request.causation_id.encode()))
+    headers += [(META_PREFIX + key, value.encode()) for key, value in event.metadata.items()]
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as read back from Kafka (or the stream index)."""
+
+    event_id: str
+    category: str
+    stream_id: str
+    version: int
+    type: str
+    data: bytes
+    content_type: str
+    metadata: dict[str, str]
+    recorded_at: datetime
+    topic: str
+    partition: int
+    offset: int
+    correlation_id: str = ""
+    causation_id: str = ""
+
+
+def parse_event(
+    topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+    headers: Sequence[tuple[str, bytes]], timestamp_ms: int | None,
+) -> StoredEvent | None:
+    """The event a record carries, or None when the record is not a gateway event."""
+    h: dict[str, str] = {}
+    metadata: dict[str, str] = {}
+    for name, raw in headers:
+        text = raw.decode("utf-8", errors="replace")
+        if name.startswith(META_PREFIX):
+            metadata[name[len(META_PREFIX):]] = text
+        else:
+            h[name] = text
+    source = h.get("ce_source", "")
+    if h.get("ce_specversion") != "1.0" or not source.startswith("/kpg/") or "ce_streamversion" not in h:
+        return None
+    try:
+        version = int(h["ce_streamversion"])
+        recorded_at = _parse_time(h.get("ce_time"), timestamp_ms)
+    except ValueError:
+        return None
+    return StoredEvent(
+        event_id=h.get("ce_id", ""),
+        category=source[len("/kpg/"):],
+        stream_id=h.get("ce_subject") or (key or b"").decode("utf-8", errors="replace"),
+        version=version,
+        type=h.get("ce_type", ""),
+        data=value or b"",
+        content_type=h.get("content-type", DEFAULT_CONTENT_TYPE),
+        metadata=metadata,
+        recorded_at=recorded_at,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        correlation_id=h.get("ce_correlationid", ""),
+        causation_id=h.get("ce_causationid", ""),
+    )
+
+
+def _parse_time(text: str | None, timestamp_ms: int | None) -> datetime:
+    if text:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return datetime.fromtimestamp((timestamp_ms or 0) / 1000, UTC)
+
+
+# --- Partitioning: the same partition Kafka's Java clients choose for the key --------------------------
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2), as a signed 32-bit int."""
+    seed, m, r = 0x9747B28C, 0x5BD1E995, 24
+    length = len(data)
+    h = (seed ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = (h * m) & 0xFFFFFFFF
+        h ^= k
+    tail = length % 4
+    base = length - tail
+    if tail == 3:
+        h ^= data[base + 2] << 16
+    if tail >= 2:
+        h ^= data[base + 1] << 8
+    if tail >= 1:
+        h ^= data[base]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def partition_for(stream_id: str, partitions: int) -> int:
+    return (murmur2(stream_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+# --- Positions: opaque to clients ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Offsets (next to read) per partition of one topic. An append's position names one partition."""
+
+    topic: str
+    offsets: Mapping[int, int]
+
+    def encode(self) -> str:
+        body = {"t": self.topic, "o": {str(p): o for p, o in sorted(self.offsets.items())}}
+        return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str, *, field_name: str = "position") -> Position:
+        try:
+            body = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            return cls(str(body["t"]), {int(p): int(o) for p, o in body["o"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InvalidArgument.field(field_name, "is not a position this gateway issued") from None
+
+    @classmethod
+    def after(cls, topic: str, partition: int, offset: int) -> Position:
+        return cls(topic, {partition: offset + 1})

@@ -1,0 +1,158 @@
+"""Protobuf <-> domain conversions, as `*_from_pb` / `*_to_pb` pairs, shared by gRPC and REST.
+
+REST bodies are parsed into the same protobuf messages (proto3 JSON mapping), so both transports
+convert in exactly one place. Event `data` with a JSON content type travels over REST as a JSON value.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from gateway.domain.events import (
+    DEFAULT_CONTENT_TYPE,
+    AppendRequest,
+    AppendResult,
+    Expectation,
+    Expected,
+    NewEvent,
+    Position,
+    StoredEvent,
+    is_json,
+    new_event_id,
+)
+from gateway.errors import InvalidArgument
+from kpg.v1 import event_store_pb2
+
+_EXPECTED_STATE = {
+    event_store_pb2.EXPECTED_STATE_UNSPECIFIED: Expectation.ANY,
+    event_store_pb2.EXPECTED_STATE_ANY: Expectation.ANY,
+    event_store_pb2.EXPECTED_STATE_NO_STREAM: Expectation.NO_STREAM,
+    event_store_pb2.EXPECTED_STATE_STREAM_EXISTS: Expectation.STREAM_EXISTS,
+}
+
+
+def append_from_pb(message: event_store_pb2.AppendEventsRequest) -> AppendRequest:
+    match message.WhichOneof("expectation"):
+        case "expected_version":
+            expected = Expected(Expectation.EXACT, message.expected_version)
+        case "expected_state":
+            if message.expected_state not in _EXPECTED_STATE:
+                raise InvalidArgument.field("expected_state", f"unknown value {message.expected_state}")
+            expected = Expected(_EXPECTED_STATE[message.expected_state])
+        case _:
+            expected = Expected()
+    return AppendRequest(
+        category=message.category,
+        stream_id=message.stream_id,
+        events=tuple(
+            NewEvent(
+                event_id=e.event_id or new_event_id(),
+                type=e.type,
+                data=e.data,
+                content_type=e.content_type or DEFAULT_CONTENT_TYPE,
+                metadata=dict(e.metadata),
+                client_id=bool(e.event_id),
+            )
+            for e in message.events
+        ),
+        expected=expected,
+        idempotency_key=message.idempotency_key,
+        correlation_id=message.correlation_id,
+        causation_id=message.causation_id,
+    )
+
+
+def append_result_to_pb(result: AppendResult) -> event_store_pb2.AppendEventsResponse:
+    return event_store_pb2.AppendEventsResponse(
+        first_version=result.first_version,
+        last_version=result.last_version,
+        topic=result.topic,
+        partition=result.partition,
+        first_offset=result.first_offset,
+        last_offset=result.last_offset,
+        position=result.position,
+        duplicate=result.duplicate,
+    )
+
+
+def event_to_pb(event: StoredEvent, *, position: str = "") -> event_store_pb2.EventEnvelope:
+    envelope = event_store_pb2.EventEnvelope(
+        event_id=event.event_id,
+        category=event.category,
+        stream_id=event.stream_id,
+        version=event.version,
+        type=event.type,
+        data=event.data,
+        content_type=event.content_type,
+        metadata=event.metadata,
+        topic=event.topic,
+        partition=event.partition,
+        offset=event.offset,
+        position=position or _after(event),
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+    )
+    envelope.recorded_at.FromDatetime(event.recorded_at)
+    return envelope
+
+
+def _after(event: StoredEvent) -> str:
+    return Position.after(event.topic, event.partition, event.offset).encode()
+
+
+# --- REST: proto3 JSON, with JSON event data as JSON values -------------------------------------------
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def parse_json(body: dict[str, Any], message: Message) -> None:
+    try:
+        json_format.ParseDict(body, message)
+    except json_format.ParseError as exc:
+        raise InvalidArgument(f"invalid request body: {exc}") from None
+
+
+def append_body_to_pb(body: Any, *, category: str, stream_id: str) -> event_store_pb2.AppendEventsRequest:
+    """The REST body of AppendEvents: `{"events": [{"type", "data": <JSON value>, ...}], "expectedVersion": 3}`."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    body = dict(body)
+    state = body.get("expectedState")
+    if isinstance(state, str) and not state.startswith("EXPECTED_STATE_"):
+        body["expectedState"] = f"EXPECTED_STATE_{state}"  # accept the contract's short names too
+    events = body.get("events")
+    if isinstance(events, list):
+        body["events"] = [_event_body(event, i) for i, event in enumerate(events)]
+    message = event_store_pb2.AppendEventsRequest()
+    parse_json(body, message)
+    message.category, message.stream_id = category, stream_id
+    return message
+
+
+def _event_body(event: Any, index: int) -> Any:
+    if not isinstance(event, dict) or "data" not in event:
+        return event
+    event = dict(event)
+    content_type = event.get("contentType") or event.get("content_type") or DEFAULT_CONTENT_TYPE
+    if is_json(content_type):
+        event["data"] = base64.b64encode(json.dumps(event["data"]).encode()).decode()
+    elif not isinstance(event["data"], str):
+        raise InvalidArgument.field(f"events[{index}].data", "must be base64 for a non-JSON content type")
+    return event
+
+
+def event_to_json(event: StoredEvent, *, position: str = "") -> dict[str, Any]:
+    body = message_to_json(event_to_pb(event, position=position))
+    if is_json(event.content_type):
+        try:
+            body["data"] = json.loads(event.data) if event.data else None
+        except ValueError:
+            pass  # stored as bytes that are not JSON (written by another producer): leave it base64
+    return body
