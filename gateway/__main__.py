@@ -53,7 +53,9 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         leases=LeaseStore(redis),
         idempotency=Idempotency(
             IdempotencyStore(redis),
-            IdempotencySettings(settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms),
+            IdempotencySettings(
+                settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms
+            ),
         ),
         indexer=indexer,
     )

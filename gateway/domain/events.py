@@ -72,12 +72,21 @@ class AppendRequest:
         Generated event ids are left out: a retry of the same body generates new ones."""
         digest = hashlib.sha256()
         parts: list[object] = [
-            self.category, self.stream_id, self.expected.kind.value, self.expected.version,
-            self.correlation_id, self.causation_id,
+            self.category,
+            self.stream_id,
+            self.expected.kind.value,
+            self.expected.version,
+            self.correlation_id,
+            self.causation_id,
         ]
         for event in self.events:
-            parts += [event.event_id if event.client_id else "", event.type, event.content_type,
-                      sorted(event.metadata.items()), hashlib.sha256(event.data).hexdigest()]
+            parts += [
+                event.event_id if event.client_id else "",
+                event.type,
+                event.content_type,
+                sorted(event.metadata.items()),
+                hashlib.sha256(event.data).hexdigest(),
+            ]
         digest.update(json.dumps(parts, separators=(",", ":")).encode())
         return digest.hexdigest()
 
@@ -145,7 +154,9 @@ def validate_append(request: AppendRequest, limits: Limits) -> None:
         seen.add(event.event_id)
         for key in event.metadata:
             if not _printable(key):
-                raise InvalidArgument.field(f"{where}.metadata", f"key {key!r} must be 1-200 printable characters")
+                raise InvalidArgument.field(
+                    f"{where}.metadata", f"key {key!r} must be 1-200 printable characters"
+                )
         if len(event.data) > limits.max_event_bytes:
             raise PayloadTooLarge(
                 f"{where}.data is {len(event.data)} bytes; the limit is {limits.max_event_bytes}",
@@ -221,8 +232,13 @@ class StoredEvent:
 
 
 def parse_event(
-    topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    headers: Sequence[tuple[str, bytes]], timestamp_ms: int | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    timestamp_ms: int | None,
 ) -> StoredEvent | None:
     """The event a record carries, or None when the record is not a gateway event."""
     h: dict[str, str] = {}
@@ -230,7 +246,7 @@ def parse_event(
     for name, raw in headers:
         text = raw.decode("utf-8", errors="replace")
         if name.startswith(META_PREFIX):
-            metadata[name[len(META_PREFIX):]] = text
+            metadata[name[len(META_PREFIX) :]] = text
         else:
             h[name] = text
     source = h.get("ce_source", "")
@@ -243,7 +259,7 @@ def parse_event(
         return None
     return StoredEvent(
         event_id=h.get("ce_id", ""),
-        category=source[len("/kpg/"):],
+        category=source[len("/kpg/") :],
         stream_id=h.get("ce_subject") or (key or b"").decode("utf-8", errors="replace"),
         version=version,
         type=h.get("ce_type", ""),
@@ -274,7 +290,7 @@ def murmur2(data: bytes) -> int:
     length = len(data)
     h = (seed ^ length) & 0xFFFFFFFF
     for i in range(0, length - length % 4, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
+        k = int.from_bytes(data[i : i + 4], "little")
         k = (k * m) & 0xFFFFFFFF
         k ^= k >> r
         k = (k * m) & 0xFFFFFFFF

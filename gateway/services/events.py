@@ -93,7 +93,9 @@ class EventStore:
         self._leases = leases
         self._idempotency = idempotency
         self._indexer = indexer
-        self._limits = Limits(settings.max_events_per_append, settings.max_event_bytes, settings.max_append_bytes)
+        self._limits = Limits(
+            settings.max_events_per_append, settings.max_event_bytes, settings.max_append_bytes
+        )
         self._partitions: dict[str, int] = {}
         self._writers: dict[tuple[str, int], PartitionWriter] = {}
 
@@ -117,8 +119,10 @@ class EventStore:
     def topic_of(self, category: str) -> str:
         check_name("category", category, category=True)
         if category not in self._definitions.categories and not self._definitions.allow_undeclared_categories:
-            raise NotFound(f"category {category!r} is not declared in the definitions file",
-                           metadata={"category": category})
+            raise NotFound(
+                f"category {category!r} is not declared in the definitions file",
+                metadata={"category": category},
+            )
         return self._definitions.category_topic(category)
 
     async def _partition_count(self, topic: str, *, create: bool = False) -> int:
@@ -137,8 +141,13 @@ class EventStore:
         writer = self._writers.get((topic, partition))
         if writer is None:
             writer = PartitionWriter(
-                topic=topic, partition=partition, kafka=self._kafka, settings=self._settings,
-                leases=self._leases, indexer=self._indexer, admin=self._admin,
+                topic=topic,
+                partition=partition,
+                kafka=self._kafka,
+                settings=self._settings,
+                leases=self._leases,
+                indexer=self._indexer,
+                admin=self._admin,
             )
             self._writers[(topic, partition)] = writer
         return writer
@@ -164,19 +173,27 @@ class EventStore:
         if min_position:
             await self.wait_for_position(topic, min_position, wait_timeout_ms)
         events, head = await asyncio.to_thread(
-            self._indexer.index.read, category, stream_id, from_version=from_version,
-            max_count=max_count or self._settings.read_default_count, backwards=backwards,
+            self._indexer.index.read,
+            category,
+            stream_id,
+            from_version=from_version,
+            max_count=max_count or self._settings.read_default_count,
+            backwards=backwards,
         )
         if head == 0:
-            raise NotFound(f"stream {category}/{stream_id} does not exist",
-                           metadata={"category": category, "stream_id": stream_id})
+            raise NotFound(
+                f"stream {category}/{stream_id} does not exist",
+                metadata={"category": category, "stream_id": stream_id},
+            )
         return events, head
 
     async def wait_for_position(self, topic: str, position: str, wait_timeout_ms: int) -> None:
         """Read-your-writes: wait until the stream index has applied `position`."""
         decoded = Position.decode(position, field_name="min_position")
         if decoded.topic != topic:
-            raise InvalidArgument.field("min_position", f"is a position of {decoded.topic!r}, not of {topic!r}")
+            raise InvalidArgument.field(
+                "min_position", f"is a position of {decoded.topic!r}, not of {topic!r}"
+            )
         timeout_s = (wait_timeout_ms or 5000) / 1000
         deadline = time.monotonic() + timeout_s
         for partition, offset in decoded.offsets.items():
@@ -215,12 +232,14 @@ class EventStore:
                 raise InvalidArgument.field("from_position", f"is a position of {position.topic!r}")
             start.update({p: o for p, o in position.offsets.items() if p in start})
         elif from_version > 1:
-            start[partitions[0]] = await self._offset_of_version(category, stream_id, topic, partitions[0],
-                                                                  from_version)
+            start[partitions[0]] = await self._offset_of_version(
+                category, stream_id, topic, partitions[0], from_version
+            )
         return self._follow(topic, category, stream_id, start, from_version)
 
-    async def _offset_of_version(self, category: str, stream_id: str, topic: str, partition: int,
-                                 version: int) -> int:
+    async def _offset_of_version(
+        self, category: str, stream_id: str, topic: str, partition: int, version: int
+    ) -> int:
         index = self._indexer.index
         offset = await asyncio.to_thread(index.offset_of, category, stream_id, version)
         if offset is not None:
@@ -239,8 +258,15 @@ class EventStore:
             while True:
                 for record in await tail.read():
                     offsets[record.partition] = record.offset + 1
-                    event = parse_event(record.topic, record.partition, record.offset, record.key, record.value,
-                                        record.headers, record.timestamp_ms)
+                    event = parse_event(
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        record.key,
+                        record.value,
+                        record.headers,
+                        record.timestamp_ms,
+                    )
                     if event is None or event.category != category:
                         continue
                     if stream_id:
@@ -354,7 +380,8 @@ class PartitionWriter:
         while not await self.leases.acquire(self.lease_name, token, ttl):
             if time.monotonic() > deadline:
                 raise BackendUnavailable(
-                    f"timed out waiting for the writer of {self.topic}[{self.partition}] (held by another gateway)",
+                    f"timed out waiting for the writer of {self.topic}[{self.partition}] "
+                    "(held by another gateway)",
                     metadata={"topic": self.topic, "partition": str(self.partition)},
                 )
             await self.leases.want(self.lease_name, ttl_ms=max(200, 4 * self.settings.lease_renew_ms))
@@ -364,13 +391,16 @@ class PartitionWriter:
         self._renewer = asyncio.create_task(self._renew(), name=f"lease:{self.lease_name}")
         try:
             producer = TransactionalProducer(
-                self.kafka, f"kpg-es.{self.topic}.{self.partition}",
+                self.kafka,
+                f"kpg-es.{self.topic}.{self.partition}",
                 transaction_timeout_ms=self.settings.transaction_timeout_ms,
             )
             await producer.init(timeout_s)  # fences the previous writer and aborts what it left open
             self._producer = producer
             end = await self.admin.end_offset(self.topic, self.partition)
-            if not await self.indexer.wait_for(self.topic, self.partition, end, max(1.0, deadline - time.monotonic())):
+            if not await self.indexer.wait_for(
+                self.topic, self.partition, end, max(1.0, deadline - time.monotonic())
+            ):
                 raise BackendUnavailable(
                     f"the stream index did not catch up with {self.topic}[{self.partition}] in time",
                     metadata={"topic": self.topic, "partition": str(self.partition)},
@@ -387,7 +417,9 @@ class PartitionWriter:
         while True:
             await asyncio.sleep(self.settings.lease_renew_ms / 1000)
             try:
-                held, wanted = await self.leases.renew(self.lease_name, self._token, self.settings.lease_ttl_ms)
+                held, wanted = await self.leases.renew(
+                    self.lease_name, self._token, self.settings.lease_ttl_ms
+                )
             except BackendUnavailable:
                 continue  # Redis is down: Kafka's fencing still keeps writers apart
             if not held:
@@ -450,18 +482,25 @@ class PartitionWriter:
                 pending.future.set_result(duplicate)
                 continue
             if not request.expected.holds(head):
-                pending.future.set_exception(WrongExpectedVersion(
-                    f"stream {request.category}/{request.stream_id} is at version {head}, "
-                    f"expected {request.expected.describe()}",
-                    metadata={"expected": request.expected.describe(), "actual": str(head)},
-                ))
+                pending.future.set_exception(
+                    WrongExpectedVersion(
+                        f"stream {request.category}/{request.stream_id} is at version {head}, "
+                        f"expected {request.expected.describe()}",
+                        metadata={"expected": request.expected.describe(), "actual": str(head)},
+                    )
+                )
                 continue
             plans.append(_Planned(pending, head + 1, len(records), len(request.events)))
             for i, event in enumerate(request.events):
-                records.append(OutRecord(
-                    self.topic, self.partition, request.stream_id.encode(), event.data,
-                    event_headers(request, event, head + 1 + i, now),
-                ))
+                records.append(
+                    OutRecord(
+                        self.topic,
+                        self.partition,
+                        request.stream_id.encode(),
+                        event.data,
+                        event_headers(request, event, head + 1 + i, now),
+                    )
+                )
             planned_heads[key] = head + len(request.events)
         if not records:
             return
@@ -488,20 +527,36 @@ class PartitionWriter:
         self._heads.update(planned_heads)
         for plan in plans:
             request = plan.pending.request
-            written = deliveries[plan.start:plan.start + plan.count]
+            written = deliveries[plan.start : plan.start + plan.count]
             for i, (event, delivery) in enumerate(zip(request.events, written, strict=True)):
-                self._remember(StoredEvent(
-                    event.event_id, request.category, request.stream_id, plan.first_version + i, event.type,
-                    b"", event.content_type, {}, now, self.topic, self.partition, delivery.offset,
-                ))
+                self._remember(
+                    StoredEvent(
+                        event.event_id,
+                        request.category,
+                        request.stream_id,
+                        plan.first_version + i,
+                        event.type,
+                        b"",
+                        event.content_type,
+                        {},
+                        now,
+                        self.topic,
+                        self.partition,
+                        delivery.offset,
+                    )
+                )
             if not plan.pending.future.done():
-                plan.pending.future.set_result(AppendResult(
-                    first_version=plan.first_version,
-                    last_version=plan.first_version + plan.count - 1,
-                    topic=self.topic, partition=self.partition,
-                    first_offset=written[0].offset, last_offset=written[-1].offset,
-                    position=Position.after(self.topic, self.partition, written[-1].offset).encode(),
-                ))
+                plan.pending.future.set_result(
+                    AppendResult(
+                        first_version=plan.first_version,
+                        last_version=plan.first_version + plan.count - 1,
+                        topic=self.topic,
+                        partition=self.partition,
+                        first_offset=written[0].offset,
+                        last_offset=written[-1].offset,
+                        position=Position.after(self.topic, self.partition, written[-1].offset).encode(),
+                    )
+                )
 
     def _remember(self, event: StoredEvent) -> None:
         self._recent[event.event_id] = event
@@ -516,20 +571,33 @@ class PartitionWriter:
         ids = [e.event_id for e in request.events]
         found = {i: self._recent[i] for i in ids if i in self._recent}
         if len(found) < len(ids):
-            rows = await asyncio.to_thread(self.indexer.index.find_event_ids, request.category,
-                                           request.stream_id, ids)
+            rows = await asyncio.to_thread(
+                self.indexer.index.find_event_ids, request.category, request.stream_id, ids
+            )
             found.update({r.event_id: r for r in rows})
-        mine = [found[i] for i in ids if i in found and found[i].stream_id == request.stream_id
-                and found[i].category == request.category]
+        mine = [
+            found[i]
+            for i in ids
+            if i in found
+            and found[i].stream_id == request.stream_id
+            and found[i].category == request.category
+        ]
         if not mine:
             return None
         versions = [e.version for e in mine]
         if len(mine) < len(ids) or versions != list(range(versions[0], versions[0] + len(ids))):
-            raise InvalidArgument.field("events", "some of these event ids are already in the stream, not all")
+            raise InvalidArgument.field(
+                "events", "some of these event ids are already in the stream, not all"
+            )
         return AppendResult(
-            first_version=versions[0], last_version=versions[-1], topic=self.topic, partition=self.partition,
-            first_offset=mine[0].offset, last_offset=mine[-1].offset,
-            position=Position.after(self.topic, self.partition, mine[-1].offset).encode(), duplicate=True,
+            first_version=versions[0],
+            last_version=versions[-1],
+            topic=self.topic,
+            partition=self.partition,
+            first_offset=mine[0].offset,
+            last_offset=mine[-1].offset,
+            position=Position.after(self.topic, self.partition, mine[-1].offset).encode(),
+            duplicate=True,
         )
 
     @staticmethod

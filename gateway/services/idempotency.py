@@ -48,7 +48,9 @@ class Idempotency:
         if not key:
             return await action(), False
         if len(key) > MAX_KEY_LENGTH or not key.isprintable():
-            raise InvalidArgument.field("idempotency_key", f"must be at most {MAX_KEY_LENGTH} printable characters")
+            raise InvalidArgument.field(
+                "idempotency_key", f"must be at most {MAX_KEY_LENGTH} printable characters"
+            )
         owner = uuid.uuid4().hex
         begun = await self._store.begin(
             scope, key, fingerprint=fingerprint, owner=owner, in_flight_ttl_ms=self._settings.in_flight_ttl_ms
@@ -71,7 +73,9 @@ class Idempotency:
             await self._store.abandon(scope, key, owner=owner)
             raise
         try:
-            await self._store.finish(scope, key, owner=owner, ttl_ms=self._settings.ttl_ms, answer=encode(answer))
+            await self._store.finish(
+                scope, key, owner=owner, ttl_ms=self._settings.ttl_ms, answer=encode(answer)
+            )
         except BackendUnavailable:
             # The action succeeded: say so. The key stays "running" until its in-flight TTL ends.
             log.warning("could not store the answer for idempotency key %r", key, exc_info=True)

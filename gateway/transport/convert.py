@@ -12,6 +12,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from kpg.v1 import event_store_pb2
 
 from gateway.domain.events import (
     DEFAULT_CONTENT_TYPE,
@@ -26,7 +27,6 @@ from gateway.domain.events import (
     new_event_id,
 )
 from gateway.errors import InvalidArgument
-from kpg.v1 import event_store_pb2
 
 _EXPECTED_STATE = {
     event_store_pb2.EXPECTED_STATE_UNSPECIFIED: Expectation.ANY,
@@ -120,7 +120,7 @@ def parse_json(body: dict[str, Any], message: Message) -> None:
 
 
 def append_body_to_pb(body: Any, *, category: str, stream_id: str) -> event_store_pb2.AppendEventsRequest:
-    """The REST body of AppendEvents: `{"events": [{"type", "data": <JSON value>, ...}], "expectedVersion": 3}`."""
+    """The REST body of AppendEvents: `{"events": [{"type", "data": <JSON>}], "expectedVersion": 3}`."""
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     body = dict(body)

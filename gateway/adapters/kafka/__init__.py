@@ -5,7 +5,12 @@ from gateway.adapters.kafka.consumer import ConsumerRunner
 from gateway.adapters.kafka.producer import AsyncProducer
 from gateway.adapters.kafka.records import Delivery, Header, Record
 from gateway.adapters.kafka.tail import TopicTail
-from gateway.adapters.kafka.transactional import OutcomeUnknown, OutRecord, TransactionalProducer, WriterFenced
+from gateway.adapters.kafka.transactional import (
+    OutcomeUnknown,
+    OutRecord,
+    TransactionalProducer,
+    WriterFenced,
+)
 
 __all__ = [
     "AsyncProducer",
@@ -15,10 +20,10 @@ __all__ = [
     "KafkaAdmin",
     "OutRecord",
     "OutcomeUnknown",
+    "Record",
+    "TopicSpec",
     "TopicTail",
     "TransactionalProducer",
     "WriterFenced",
-    "Record",
-    "TopicSpec",
     "kafka_answers",
 ]

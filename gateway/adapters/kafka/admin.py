@@ -118,10 +118,12 @@ class KafkaAdmin:
 
     async def end_offset(self, topic: str, partition: int, timeout_s: float = 10.0) -> int:
         """The last stable offset: where a read_committed reader of the partition ends."""
+
         def offset() -> int:
             tp = TopicPartition(topic, partition)
             futures = self._client.list_offsets(
-                {tp: OffsetSpec.latest()}, isolation_level=IsolationLevel.READ_COMMITTED,  # type: ignore[no-untyped-call]
+                {tp: OffsetSpec.latest()},  # type: ignore[no-untyped-call]
+                isolation_level=IsolationLevel.READ_COMMITTED,
                 request_timeout=timeout_s,
             )
             return int(futures[tp].result().offset)
@@ -131,6 +133,7 @@ class KafkaAdmin:
 
     async def partitions(self, topic: str, timeout_s: float = 10.0) -> int | None:
         """The topic's partition count, or None when it does not exist."""
+
         def count() -> int | None:
             metadata = self._client.list_topics(topic, timeout=timeout_s).topics.get(topic)
             if metadata is None or metadata.error is not None:

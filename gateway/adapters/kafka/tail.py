@@ -7,8 +7,9 @@ subscriber makes it wait instead of buffering: memory stays bounded by one batch
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -18,16 +19,20 @@ from gateway.adapters.kafka.records import Record
 from gateway.errors import BackendUnavailable
 from gateway.settings import KafkaSettings
 
+T = TypeVar("T")
+
 
 class TopicTail:
     def __init__(self, settings: KafkaSettings, topic: str, start: Mapping[int, int | None]) -> None:
         """`start`: partition -> first offset to read (None = the beginning)."""
         self._config = consumer_config(
-            settings, "kpg-tail-unused", **{
+            settings,
+            "kpg-tail-unused",
+            **{
                 "enable.partition.eof": False,
                 "fetch.wait.max.ms": 100,
                 "queued.max.messages.kbytes": 2048,  # bounded prefetch per subscriber
-            }
+            },
         )
         self._topic = topic
         self._start = dict(start)
@@ -39,14 +44,16 @@ class TopicTail:
 
     def _open(self) -> None:
         self._consumer = Consumer(self._config)
-        self._consumer.assign([
-            TopicPartition(self._topic, p, OFFSET_BEGINNING if o is None else o) for p, o in self._start.items()
-        ])
+        self._consumer.assign(
+            [
+                TopicPartition(self._topic, p, OFFSET_BEGINNING if o is None else o)
+                for p, o in self._start.items()
+            ]
+        )
 
     async def read(self, max_records: int = 500, timeout_s: float = 0.5) -> list[Record]:
         """The next records (possibly none within the timeout)."""
-        records: list[Record] = await self._call(self._read, max_records, timeout_s)
-        return records
+        return await self._call(self._read, max_records, timeout_s)
 
     def _read(self, max_records: int, timeout_s: float) -> list[Record]:
         assert self._consumer is not None
@@ -55,7 +62,10 @@ class TopicTail:
             error = message.error()
             if error is None:
                 out.append(to_record(message))
-            elif error.fatal() or error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+            elif error.fatal() or error.code() in (
+                KafkaError.UNKNOWN_TOPIC_OR_PART,
+                KafkaError._UNKNOWN_TOPIC,
+            ):
                 raise KafkaException(error)
         return out
 
@@ -65,8 +75,7 @@ class TopicTail:
             await asyncio.get_running_loop().run_in_executor(self._executor, consumer.close)
         self._executor.shutdown(wait=False)
 
-    async def _call(self, fn: object, *args: object) -> object:
-        assert callable(fn)
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except KafkaException as exc:

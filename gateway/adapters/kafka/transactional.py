@@ -45,7 +45,9 @@ class OutRecord:
 
 
 class TransactionalProducer:
-    def __init__(self, settings: KafkaSettings, transactional_id: str, *, transaction_timeout_ms: int) -> None:
+    def __init__(
+        self, settings: KafkaSettings, transactional_id: str, *, transaction_timeout_ms: int
+    ) -> None:
         self.transactional_id = transactional_id
         self._settings = settings
         self._config = {
@@ -80,22 +82,35 @@ class TransactionalProducer:
                     deliveries[index] = delivery_error(error, message.topic() or "")
                 else:
                     _, ts = message.timestamp()
-                    deliveries[index] = Delivery(message.topic() or "", message.partition() or 0,
-                                                 message.offset() or 0, ts if ts > 0 else None)
+                    deliveries[index] = Delivery(
+                        message.topic() or "",
+                        message.partition() or 0,
+                        message.offset() or 0,
+                        ts if ts > 0 else None,
+                    )
+
             return report
 
         producer.begin_transaction()
         try:
             for i, r in enumerate(records):
-                producer.produce(r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition,
-                                 on_delivery=on_delivery(i))
+                producer.produce(
+                    r.topic,
+                    r.value,
+                    key=r.key,
+                    headers=list(r.headers),
+                    partition=r.partition,
+                    on_delivery=on_delivery(i),
+                )
             self._commit(producer, timeout_s)
         except KafkaException as exc:
             raise self._failed(producer, exc.args[0], deliveries) from exc
         out = []
         for delivery in deliveries:
             if not isinstance(delivery, Delivery):  # committed, so every record was delivered
-                raise OutcomeUnknown(f"{self.transactional_id}: commit returned without every delivery report")
+                raise OutcomeUnknown(
+                    f"{self.transactional_id}: commit returned without every delivery report"
+                )
             out.append(delivery)
         return out
 
@@ -123,8 +138,14 @@ class TransactionalProducer:
             except KafkaException as abort_error:
                 self._producer = None
                 return OutcomeUnknown(f"{self.transactional_id}: abort failed: {abort_error.args[0].str()}")
-            caller_error = next((d for d in deliveries if isinstance(d, GatewayError)
-                                 and not isinstance(d, BackendUnavailable)), None)
+            caller_error = next(
+                (
+                    d
+                    for d in deliveries
+                    if isinstance(d, GatewayError) and not isinstance(d, BackendUnavailable)
+                ),
+                None,
+            )
             return caller_error or BackendUnavailable(f"Kafka transaction aborted: {error.str()}")
         # A commit that timed out may have succeeded: the only safe answer is to re-read the log.
         self._producer = None
@@ -148,4 +169,6 @@ class TransactionalProducer:
             if error.code() == KafkaError._FENCED or error.fatal():
                 self._producer = None
                 raise WriterFenced(f"{self.transactional_id}: {error.str()}") from exc
-            raise BackendUnavailable(f"Kafka transactional producer {self.transactional_id}: {error.str()}") from exc
+            raise BackendUnavailable(
+                f"Kafka transactional producer {self.transactional_id}: {error.str()}"
+            ) from exc

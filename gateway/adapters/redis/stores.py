@@ -31,7 +31,9 @@ class IdempotencyStore:
     def _key(scope: str, key: str) -> str:
         return f"kpg:idem:{scope}:{key}"
 
-    async def begin(self, scope: str, key: str, *, fingerprint: str, owner: str, in_flight_ttl_ms: int) -> Begin:
+    async def begin(
+        self, scope: str, key: str, *, fingerprint: str, owner: str, in_flight_ttl_ms: int
+    ) -> Begin:
         reply = await self._client.run_script(
             "idempotency_begin", [self._key(scope, key)], [fingerprint, owner, in_flight_ttl_ms]
         )
@@ -59,9 +61,11 @@ class LeaseStore:
 
     async def renew(self, name: str, token: str, ttl_ms: int) -> tuple[bool, bool]:
         """(still held, wanted by another instance)."""
-        reply = int(await self._client.run_script(
-            "lease_renew", [f"kpg:lease:{name}", f"kpg:lease-wanted:{name}"], [token, ttl_ms]
-        ))
+        reply = int(
+            await self._client.run_script(
+                "lease_renew", [f"kpg:lease:{name}", f"kpg:lease-wanted:{name}"], [token, ttl_ms]
+            )
+        )
         return reply >= 0, reply == 1
 
     async def want(self, name: str, ttl_ms: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-
 from typing import Any
 
 from sqlalchemy import event

@@ -41,10 +41,19 @@ class StreamEventRow(SQLModel, table=True):
 
     def to_event(self) -> StoredEvent:
         return StoredEvent(
-            event_id=self.event_id, category=self.category, stream_id=self.stream_id, version=self.version,
-            type=self.type, data=self.data, content_type=self.content_type,
-            metadata=json.loads(self.metadata_json), recorded_at=self.recorded_at, topic=self.topic,
-            partition=self.partition, offset=self.offset, correlation_id=self.correlation_id,
+            event_id=self.event_id,
+            category=self.category,
+            stream_id=self.stream_id,
+            version=self.version,
+            type=self.type,
+            data=self.data,
+            content_type=self.content_type,
+            metadata=json.loads(self.metadata_json),
+            recorded_at=self.recorded_at,
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            correlation_id=self.correlation_id,
             causation_id=self.causation_id,
         )
 
@@ -83,7 +92,7 @@ class StreamIndex:
         try:
             SQLModel.metadata.create_all(
                 self._engine,
-                tables=[t.__table__ for t in (StreamEventRow, StreamHeadRow, IndexProgressRow, IndexMetaRow)],  # type: ignore[attr-defined]
+                tables=[t.__table__ for t in (StreamEventRow, StreamHeadRow, IndexProgressRow, IndexMetaRow)],  # type: ignore[union-attr]
             )
         except SQLAlchemyError as exc:
             raise BackendUnavailable(f"cannot create the stream index tables: {exc}") from exc
@@ -92,7 +101,7 @@ class StreamIndex:
         return Session(self._engine, expire_on_commit=False)
 
     def index_id(self) -> str:
-        """A stable id of this index (this database): gateways sharing the database share its consumer group."""
+        """A stable id of this index (its database): gateways sharing the database share a consumer group."""
         with self._session() as session:
             row = session.get(IndexMetaRow, "index_id")
             if row is None:
@@ -109,32 +118,46 @@ class StreamIndex:
         """Index a batch and advance the offsets in one transaction; returns the events newly indexed
         (a redelivered or superseded version is skipped)."""
         with self._session() as session:
-            progress = {
-                (r.topic, r.partition): r
-                for r in session.exec(select(IndexProgressRow).where(
-                    tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(list(positions))
-                ))
-            } if positions else {}
+            progress = (
+                {
+                    (r.topic, r.partition): r
+                    for r in session.exec(
+                        select(IndexProgressRow).where(
+                            tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(
+                                list(positions)
+                            )
+                        )
+                    )
+                }
+                if positions
+                else {}
+            )
             heads: dict[tuple[str, str], StreamHeadRow] = {}
             keys = list({(e.category, e.stream_id) for e in events})
             for chunk in _chunks(keys, 200):
-                for head in session.exec(select(StreamHeadRow).where(
-                    tuple_(col(StreamHeadRow.category), col(StreamHeadRow.stream_id)).in_(chunk)
-                )):
+                for head in session.exec(
+                    select(StreamHeadRow).where(
+                        tuple_(col(StreamHeadRow.category), col(StreamHeadRow.stream_id)).in_(chunk)
+                    )
+                ):
                     heads[(head.category, head.stream_id)] = head
             added = []
             for event in events:
                 done = progress.get((event.topic, event.partition))
                 if done is not None and event.offset < done.next_offset:
                     continue  # redelivered: already indexed
-                head = heads.get((event.category, event.stream_id))
-                if head is not None and event.version <= head.version:
+                known = heads.get((event.category, event.stream_id))
+                if known is not None and event.version <= known.version:
                     continue  # a version this stream already has (first in the log wins)
                 session.add(_row(event))
-                if head is None:
-                    head = StreamHeadRow(category=event.category, stream_id=event.stream_id, version=0,
-                                         partition=event.partition, offset=event.offset)
-                    heads[(event.category, event.stream_id)] = head
+                head = known or StreamHeadRow(
+                    category=event.category,
+                    stream_id=event.stream_id,
+                    version=0,
+                    partition=event.partition,
+                    offset=event.offset,
+                )
+                heads[(event.category, event.stream_id)] = head
                 head.version, head.partition, head.offset = event.version, event.partition, event.offset
                 session.add(head)
                 added.append(event)
@@ -153,9 +176,11 @@ class StreamIndex:
         if not wanted:
             return {}
         with self._session() as session:
-            rows = session.exec(select(IndexProgressRow).where(
-                tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(wanted)
-            ))
+            rows = session.exec(
+                select(IndexProgressRow).where(
+                    tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(wanted)
+                )
+            )
             found = {(r.topic, r.partition): r.next_offset for r in rows}
         return {tp: found.get(tp, 0) for tp in wanted}
 
@@ -187,10 +212,17 @@ class StreamIndex:
 
     def find_event_ids(self, category: str, stream_id: str, event_ids: Sequence[str]) -> list[StoredEvent]:
         with self._session() as session:
-            rows = session.exec(select(StreamEventRow).where(and_(
-                StreamEventRow.category == category, StreamEventRow.stream_id == stream_id,
-                col(StreamEventRow.event_id).in_(list(event_ids)),
-            )).order_by(col(StreamEventRow.version))).all()
+            rows = session.exec(
+                select(StreamEventRow)
+                .where(
+                    and_(
+                        col(StreamEventRow.category) == category,
+                        col(StreamEventRow.stream_id) == stream_id,
+                        col(StreamEventRow.event_id).in_(list(event_ids)),
+                    )
+                )
+                .order_by(col(StreamEventRow.version))
+            ).all()
             return [r.to_event() for r in rows]
 
     def offset_of(self, category: str, stream_id: str, version: int) -> int | None:
@@ -201,14 +233,23 @@ class StreamIndex:
 
 def _row(event: StoredEvent) -> StreamEventRow:
     return StreamEventRow(
-        category=event.category, stream_id=event.stream_id, version=event.version, event_id=event.event_id,
-        type=event.type, data=event.data, content_type=event.content_type,
-        metadata_json=json.dumps(event.metadata), recorded_at=event.recorded_at, topic=event.topic,
-        partition=event.partition, offset=event.offset, correlation_id=event.correlation_id,
+        category=event.category,
+        stream_id=event.stream_id,
+        version=event.version,
+        event_id=event.event_id,
+        type=event.type,
+        data=event.data,
+        content_type=event.content_type,
+        metadata_json=json.dumps(event.metadata),
+        recorded_at=event.recorded_at,
+        topic=event.topic,
+        partition=event.partition,
+        offset=event.offset,
+        correlation_id=event.correlation_id,
         causation_id=event.causation_id,
     )
 
 
 def _chunks(items: list[tuple[str, str]], size: int) -> Iterable[list[tuple[str, str]]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]

@@ -97,36 +97,44 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
         self._store = store
         self._write_timeout_s = write_timeout_s
 
-    async def AppendEvents(  # noqa: N802 - gRPC method names
+    async def AppendEvents(
         self, request: event_store_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> event_store_pb2.AppendEventsResponse:
         return convert.append_result_to_pb(await self._store.append(convert.append_from_pb(request)))
 
-    async def ReadStream(  # noqa: N802
+    async def ReadStream(
         self, request: event_store_pb2.ReadStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> event_store_pb2.ReadStreamResponse:
         events, head = await self._store.read_stream(
-            request.category, request.stream_id, from_version=request.from_version,
-            max_count=request.max_count, backwards=request.backwards,
+            request.category,
+            request.stream_id,
+            from_version=request.from_version,
+            max_count=request.max_count,
+            backwards=request.backwards,
         )
-        return event_store_pb2.ReadStreamResponse(events=[convert.event_to_pb(e) for e in events],
-                                                  stream_version=head)
+        return event_store_pb2.ReadStreamResponse(
+            events=[convert.event_to_pb(e) for e in events], stream_version=head
+        )
 
-    async def Subscribe(  # noqa: N802
+    async def Subscribe(  # type: ignore[override]  # a coroutine that writes, to time each write out
         self, request: event_store_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         events = await self._store.subscribe(
-            request.category, request.stream_id, from_version=request.from_version,
+            request.category,
+            request.stream_id,
+            from_version=request.from_version,
             from_position=request.from_position,
         )
         async for event, position in events:
             try:
-                await asyncio.wait_for(context.write(convert.event_to_pb(event, position=position)),
-                                       self._write_timeout_s)
+                await asyncio.wait_for(
+                    context.write(convert.event_to_pb(event, position=position)), self._write_timeout_s
+                )
             except TimeoutError:
                 raise SubscriberTooSlow(
                     f"the subscriber took no event for {self._write_timeout_s:.0f}s; resume from the last "
-                    "position it received", metadata={"position": position},
+                    "position it received",
+                    metadata={"position": position},
                 ) from None
 
 

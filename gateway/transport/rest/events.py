@@ -20,8 +20,11 @@ from gateway.transport.rest.errors import error_body
 def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRouter:
     router = APIRouter(tags=["EventStore"])
 
-    @router.post("/v1/streams/{category}/{stream_id}/events", name="EventStore.AppendEvents",
-                 operation_id="EventStore.AppendEvents")
+    @router.post(
+        "/v1/streams/{category}/{stream_id}/events",
+        name="EventStore.AppendEvents",
+        operation_id="EventStore.AppendEvents",
+    )
     async def append_events(
         category: str,
         stream_id: str,
@@ -34,8 +37,11 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
         result = await store.append(convert.append_from_pb(message))
         return convert.message_to_json(convert.append_result_to_pb(result))
 
-    @router.get("/v1/streams/{category}/{stream_id}/events", name="EventStore.ReadStream",
-                operation_id="EventStore.ReadStream")
+    @router.get(
+        "/v1/streams/{category}/{stream_id}/events",
+        name="EventStore.ReadStream",
+        operation_id="EventStore.ReadStream",
+    )
     async def read_stream(
         category: str,
         stream_id: str,
@@ -45,13 +51,21 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
         min_position: Annotated[str, Query(alias="minPosition")] = "",
     ) -> dict[str, Any]:
         events, head = await store.read_stream(
-            category, stream_id, from_version=from_version, max_count=max_count, backwards=backwards,
+            category,
+            stream_id,
+            from_version=from_version,
+            max_count=max_count,
+            backwards=backwards,
             min_position=min_position,
         )
         return {"events": [convert.event_to_json(e) for e in events], "streamVersion": str(head)}
 
-    @router.get("/v1/streams/{category}/subscribe", name="EventStore.Subscribe",
-                operation_id="EventStore.Subscribe", response_class=StreamingResponse)
+    @router.get(
+        "/v1/streams/{category}/subscribe",
+        name="EventStore.Subscribe",
+        operation_id="EventStore.Subscribe",
+        response_class=StreamingResponse,
+    )
     async def subscribe(
         category: str,
         stream_id: Annotated[str, Query(alias="streamId")] = "",
@@ -60,8 +74,9 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:
         """Server-Sent Events: `id` is the position after the event (EventSource resumes with it)."""
-        events = await store.subscribe(category, stream_id, from_version=from_version,
-                                       from_position=last_event_id or from_position)
+        events = await store.subscribe(
+            category, stream_id, from_version=from_version, from_position=last_event_id or from_position
+        )
         return _SseResponse(_sse(events), write_timeout_s=write_timeout_s)
 
     return router
@@ -70,7 +85,8 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
 async def _sse(events: AsyncIterator[tuple[Any, str]]) -> AsyncIterator[str]:
     try:
         async for event, position in events:
-            yield f"id: {position}\nevent: event\ndata: {json.dumps(convert.event_to_json(event, position=position))}\n\n"
+            data = json.dumps(convert.event_to_json(event, position=position))
+            yield f"id: {position}\nevent: event\ndata: {data}\n\n"
     except GatewayError as exc:
         yield f"event: error\ndata: {json.dumps(error_body(exc))}\n\n"
 
@@ -79,8 +95,11 @@ class _SseResponse(StreamingResponse):
     """A stream whose writes time out: a client that stops reading is disconnected, not buffered for."""
 
     def __init__(self, content: AsyncIterator[str], *, write_timeout_s: float) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._write_timeout_s = write_timeout_s
 
     async def stream_response(self, send: Send) -> None:
