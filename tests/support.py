@@ -26,6 +26,7 @@ class GatewayProcess:
         self.grpc_port = free_port()
         self.rest_port = free_port()
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"gateway-{self.grpc_port}.log"
         self.env = {
             **os.environ,
