@@ -50,13 +50,15 @@ async def two_gateways(
         second.kill()
 
 
-def _append(stream: str, **expectation: int) -> es.AppendEventsRequest:
-    return es.AppendEventsRequest(
+def _append(stream: str, expected_version: int | None = None) -> es.AppendEventsRequest:
+    request = es.AppendEventsRequest(
         category="orders",
         stream_id=stream,
         events=[es.EventData(type="Tick", data=json.dumps({"at": stream}).encode())],
-        **expectation,
-    )  # type: ignore[arg-type]
+    )
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return request
 
 
 async def test_200_concurrent_appends_through_two_gateways(
