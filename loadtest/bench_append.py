@@ -15,7 +15,6 @@ import time
 import uuid
 
 from confluent_kafka import Producer
-
 from kpg import GatewayClient
 from kpg.v1 import event_store_pb2 as es
 
@@ -24,8 +23,15 @@ DATA = json.dumps({"customer": "c-1", "total": 12.5, "items": ["a", "b", "c"]}).
 
 def raw_produce(bootstrap: str, topic: str, count: int) -> float:
     """Events per second of an idempotent acks=all producer, flushed at the end."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                         "linger.ms": 5, "compression.type": "lz4"})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
     started = time.perf_counter()
     for i in range(count):
         while True:
@@ -49,10 +55,15 @@ async def gateway_appends(target: str, *, appends: int, events_per_append: int, 
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await client.events.AppendEvents(es.AppendEventsRequest(
-                    category="orders", stream_id=f"bench-{run}-{n}-{remaining % 50}",
-                    events=[es.EventData(type="Benchmarked", data=DATA) for _ in range(events_per_append)],
-                ))
+                await client.events.AppendEvents(
+                    es.AppendEventsRequest(
+                        category="orders",
+                        stream_id=f"bench-{run}-{n}-{remaining % 50}",
+                        events=[
+                            es.EventData(type="Benchmarked", data=DATA) for _ in range(events_per_append)
+                        ],
+                    )
+                )
 
         started = time.perf_counter()
         await asyncio.gather(*(caller(n) for n in range(concurrency)))
@@ -62,17 +73,23 @@ async def gateway_appends(target: str, *, appends: int, events_per_append: int, 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", default="127.0.0.1:50051")
-    parser.add_argument("--bootstrap", default=os.environ.get("KPG_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    parser.add_argument(
+        "--bootstrap", default=os.environ.get("KPG_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
 
     await gateway_appends(args.target, appends=200, events_per_append=1, concurrency=16)  # warm-up
-    single = await gateway_appends(args.target, appends=3000, events_per_append=1, concurrency=args.concurrency)
+    single = await gateway_appends(
+        args.target, appends=3000, events_per_append=1, concurrency=args.concurrency
+    )
     batch = await gateway_appends(args.target, appends=100, events_per_append=100, concurrency=8)
     raw = raw_produce(args.bootstrap, "orders.events", 50_000)
     print(f"raw confluent-kafka produce (idempotent, acks=all): {raw:10.0f} events/s")
-    print(f"gateway, 1-event appends x{args.concurrency} callers:   {single:10.0f} events/s  "
-          f"(ratio {single / raw:.3f})")
+    print(
+        f"gateway, 1-event appends x{args.concurrency} callers:   {single:10.0f} events/s  "
+        f"(ratio {single / raw:.3f})"
+    )
     print(f"gateway, 100-event appends x8 callers:    {batch:10.0f} events/s  (ratio {batch / raw:.3f})")
 
 
