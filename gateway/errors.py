@@ -12,38 +12,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
-class _Mapping:
-    grpc_code: str  # grpc.StatusCode member name; transport.grpc resolves it
-    http_status: int
-
-
 class Reason(enum.Enum):
-    """The contract's error reasons, each with its gRPC code and HTTP status."""
+    """The contract's error reasons, each with its gRPC code and HTTP status.
 
-    INVALID_ARGUMENT = _Mapping("INVALID_ARGUMENT", 400)
-    PAYLOAD_TOO_LARGE = _Mapping("INVALID_ARGUMENT", 413)
-    WRONG_EXPECTED_VERSION = _Mapping("FAILED_PRECONDITION", 409)
-    IDEMPOTENCY_KEY_REUSED = _Mapping("INVALID_ARGUMENT", 422)
-    IDEMPOTENCY_KEY_IN_FLIGHT = _Mapping("ABORTED", 409)
-    NOT_FOUND = _Mapping("NOT_FOUND", 404)
-    TOPIC_NOT_ALLOWED = _Mapping("PERMISSION_DENIED", 403)
-    UNAUTHENTICATED = _Mapping("UNAUTHENTICATED", 401)
-    REPLY_TIMEOUT = _Mapping("DEADLINE_EXCEEDED", 504)
-    READ_MODEL_BEHIND = _Mapping("DEADLINE_EXCEEDED", 504)
-    BACKEND_UNAVAILABLE = _Mapping("UNAVAILABLE", 503)
+    Members share mappings (REPLY_TIMEOUT and READ_MODEL_BEHIND are both DEADLINE_EXCEEDED/504), so
+    each gets a value of its own: an enum would otherwise make the second an alias of the first."""
+
+    INVALID_ARGUMENT = ("INVALID_ARGUMENT", 400)
+    PAYLOAD_TOO_LARGE = ("INVALID_ARGUMENT", 413)
+    WRONG_EXPECTED_VERSION = ("FAILED_PRECONDITION", 409)
+    IDEMPOTENCY_KEY_REUSED = ("INVALID_ARGUMENT", 422)
+    IDEMPOTENCY_KEY_IN_FLIGHT = ("ABORTED", 409)
+    NOT_FOUND = ("NOT_FOUND", 404)
+    TOPIC_NOT_ALLOWED = ("PERMISSION_DENIED", 403)
+    UNAUTHENTICATED = ("UNAUTHENTICATED", 401)
+    REPLY_TIMEOUT = ("DEADLINE_EXCEEDED", 504)
+    READ_MODEL_BEHIND = ("DEADLINE_EXCEEDED", 504)
+    BACKEND_UNAVAILABLE = ("UNAVAILABLE", 503)
     # Not in the contract's table: answered only by RPCs whose pattern has not landed yet.
-    UNIMPLEMENTED = _Mapping("UNIMPLEMENTED", 501)
+    UNIMPLEMENTED = ("UNIMPLEMENTED", 501)
     # Not in the table either: a subscriber that stopped taking events is disconnected (it resumes later).
-    SUBSCRIBER_TOO_SLOW = _Mapping("RESOURCE_EXHAUSTED", 429)
+    SUBSCRIBER_TOO_SLOW = ("RESOURCE_EXHAUSTED", 429)
 
-    @property
-    def grpc_code(self) -> str:
-        return self.value.grpc_code
+    def __new__(cls, grpc_code: str, http_status: int) -> Reason:
+        member = object.__new__(cls)
+        member._value_ = len(cls.__members__)
+        return member
 
-    @property
-    def http_status(self) -> int:
-        return self.value.http_status
+    def __init__(self, grpc_code: str, http_status: int) -> None:
+        self.grpc_code = grpc_code  # grpc.StatusCode member name; transport.grpc resolves it
+        self.http_status = http_status
 
 
 ERROR_DOMAIN = "kpg"

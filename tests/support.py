@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -106,3 +106,14 @@ async def wait_for_health(
             if process is not None and process.process is not None and process.process.poll() is not None:
                 raise AssertionError(f"gateway exited with {process.process.returncode}:\n{process.log()}")
             await asyncio.sleep(0.1)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[object]], *, timeout_s: float = 30, interval_s: float = 0.05
+) -> None:
+    """Poll an outside system (Redis, a log file) that offers nothing to wait on, until `check` is truthy."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(interval_s)

@@ -4,8 +4,11 @@ Kafka consumer to check what landed."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import cast
 
 import grpc
@@ -14,9 +17,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
+from redis.asyncio import Redis
 
+from gateway.domain.events import Position, partition_for
 from tests.conftest import Backends
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -199,52 +204,205 @@ async def test_concurrent_appends_with_the_same_expected_version(gateway: Gatewa
     assert {error_details(e).metadata["actual"] for e in losses} == {"2"}
 
 
-async def test_bad_input_over_grpc_and_rest(gateway: GatewayProcess) -> None:
-    cases = [
-        (es.AppendEventsRequest(category="nope", stream_id="s", events=[_event()]), "NOT_FOUND"),
-        (
-            es.AppendEventsRequest(category="orders", stream_id="bad id!", events=[_event()]),
-            "INVALID_ARGUMENT",
+@dataclass(frozen=True)
+class _Row:
+    """One error of the contract's table, provoked over gRPC and over REST."""
+
+    name: str
+    grpc_call: Callable[[GatewayClient], Awaitable[object]]
+    rest_call: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+    reason: str
+    code: grpc.StatusCode
+    http: int
+
+
+def _far_position(partition: int = 0) -> str:
+    return Position("orders.events", {partition: 10**12}).encode()
+
+
+_TOO_BIG = b"x" * (1024 * 1024 + 1)
+_ERROR_ROWS = [
+    _Row(
+        "undeclared category",
+        lambda c: c.events.AppendEvents(
+            es.AppendEventsRequest(category="nope", stream_id="s", events=[_event()])
         ),
-        (es.AppendEventsRequest(category="orders", stream_id="s", events=[]), "INVALID_ARGUMENT"),
-        (
+        lambda h: h.post("/v1/streams/nope/s/events", json={"events": [{"type": "T", "data": {}}]}),
+        "NOT_FOUND",
+        grpc.StatusCode.NOT_FOUND,
+        404,
+    ),
+    _Row(
+        "unknown stream",
+        lambda c: c.events.ReadStream(es.ReadStreamRequest(category="orders", stream_id="no-such-stream")),
+        lambda h: h.get("/v1/streams/orders/no-such-stream/events"),
+        "NOT_FOUND",
+        grpc.StatusCode.NOT_FOUND,
+        404,
+    ),
+    _Row(
+        "bad stream name",
+        lambda c: c.events.AppendEvents(
+            es.AppendEventsRequest(category="orders", stream_id="bad id!", events=[_event()])
+        ),
+        lambda h: h.post("/v1/streams/orders/bad id!/events", json={"events": [{"type": "T", "data": {}}]}),
+        "INVALID_ARGUMENT",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        400,
+    ),
+    _Row(
+        "no events",
+        lambda c: c.events.AppendEvents(es.AppendEventsRequest(category="orders", stream_id="s", events=[])),
+        lambda h: h.post("/v1/streams/orders/s/events", json={"events": []}),
+        "INVALID_ARGUMENT",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        400,
+    ),
+    _Row(
+        "bad JSON data",
+        lambda c: c.events.AppendEvents(
             es.AppendEventsRequest(
                 category="orders", stream_id="s", events=[es.EventData(type="T", data=b"{not json")]
-            ),
-            "INVALID_ARGUMENT",
+            )
         ),
-        (
+        lambda h: h.post(
+            "/v1/streams/orders/s/events", content=b"{", headers={"content-type": "application/json"}
+        ),
+        "INVALID_ARGUMENT",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        400,
+    ),
+    _Row(
+        "bad min_position",
+        lambda c: c.events.ReadStream(
+            es.ReadStreamRequest(category="orders", stream_id="s", min_position="not-a-position")
+        ),
+        lambda h: h.get("/v1/streams/orders/s/events", params={"minPosition": "not-a-position"}),
+        "INVALID_ARGUMENT",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        400,
+    ),
+    _Row(
+        "an event over 1 MiB",
+        lambda c: c.events.AppendEvents(
             es.AppendEventsRequest(
                 category="orders",
                 stream_id="s",
-                events=[
-                    es.EventData(
-                        type="T", data=b"x" * (1024 * 1024 + 1), content_type="application/octet-stream"
-                    )
-                ],
-            ),
-            "PAYLOAD_TOO_LARGE",
+                events=[es.EventData(type="T", data=_TOO_BIG, content_type="application/octet-stream")],
+            )
         ),
-    ]
-    async with GatewayClient(gateway.target) as client:
-        for request, reason in cases:
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await client.events.AppendEvents(request)
-            assert error_details(raised.value).reason == reason, request.stream_id
-    async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
-        missing = await http.post("/v1/streams/nope/s/events", json={"events": [{"type": "T", "data": {}}]})
-        bad_json = await http.post(
-            "/v1/streams/orders/s/events", content=b"{", headers={"content-type": "application/json"}
-        )
-        too_large = await http.post(
+        lambda h: h.post(
+            "/v1/streams/orders/s/events",
+            json={
+                "events": [
+                    {
+                        "type": "T",
+                        "data": base64.b64encode(_TOO_BIG).decode(),
+                        "contentType": "application/octet-stream",
+                    }
+                ]
+            },
+        ),
+        "PAYLOAD_TOO_LARGE",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        413,
+    ),
+    _Row(
+        "over 1,000 events",
+        lambda c: c.events.AppendEvents(
+            es.AppendEventsRequest(category="orders", stream_id="s", events=[_event()] * 1001)
+        ),
+        lambda h: h.post(
             "/v1/streams/orders/s/events",
             json={
                 "events": [{"type": "T", "data": "eA==", "contentType": "application/octet-stream"}] * 1001
             },
-        )
-    assert (missing.status_code, missing.json()["error"]["reason"]) == (404, "NOT_FOUND")
-    assert (bad_json.status_code, bad_json.json()["error"]["reason"]) == (400, "INVALID_ARGUMENT")
-    assert (too_large.status_code, too_large.json()["error"]["reason"]) == (413, "PAYLOAD_TOO_LARGE")
+        ),
+        "PAYLOAD_TOO_LARGE",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        413,
+    ),
+    _Row(
+        "index never reaches min_position",
+        lambda c: c.events.ReadStream(
+            es.ReadStreamRequest(
+                category="orders", stream_id="s", min_position=_far_position(), wait_timeout_ms=200
+            )
+        ),
+        lambda h: h.get(
+            "/v1/streams/orders/s/events", params={"minPosition": _far_position(), "waitTimeoutMs": 200}
+        ),
+        "READ_MODEL_BEHIND",
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        504,
+    ),
+]
+
+
+@pytest.mark.parametrize("row", _ERROR_ROWS, ids=lambda row: row.name)
+async def test_error_rows_over_grpc_and_rest(gateway: GatewayProcess, row: _Row) -> None:
+    async with GatewayClient(gateway.target) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await row.grpc_call(client)
+    details = error_details(raised.value)
+    assert (details.code, details.reason) == (row.code, row.reason), details.message
+    async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
+        response = await row.rest_call(http)
+    assert response.status_code == row.http, response.text
+    error = response.json()["error"]
+    assert (error["reason"], error["status"], error["code"]) == (row.reason, row.code.name, row.http)
+
+
+async def test_idempotency_key_reused_over_rest(gateway: GatewayProcess) -> None:
+    url = f"/v1/streams/orders/order-{uuid.uuid4().hex[:8]}/events"
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
+        first = await http.post(url, json={"events": [{"type": "A", "data": {"n": 1}}]}, headers=key)
+        reused = await http.post(url, json={"events": [{"type": "A", "data": {"n": 2}}]}, headers=key)
+    assert first.status_code == 200, first.text
+    assert reused.status_code == 422
+    assert reused.json()["error"]["reason"] == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_idempotency_key_in_flight_over_grpc_and_rest(
+    gateway: GatewayProcess, backends: Backends
+) -> None:
+    """While the first request under a key still runs, a retry is told so; afterwards it gets the answer."""
+    stream = f"order-{uuid.uuid4().hex[:8]}"
+    key = uuid.uuid4().hex
+    lease = f"kpg:lease:es:orders.events:{partition_for(stream, 6)}"
+    redis = Redis.from_url(backends.redis_url)
+    request = es.AppendEventsRequest(
+        category="orders", stream_id=stream, events=[_event()], idempotency_key=key
+    )
+    try:
+        # Hold the stream's partition as another gateway would, so the first append waits for its writer.
+        # (this gateway's own writer lets the partition go when idle)
+        await eventually(lambda: redis.set(lease, "another-gateway", nx=True, px=20_000))
+        async with GatewayClient(gateway.target) as client:
+            first = asyncio.ensure_future(client.events.AppendEvents(request))
+            await eventually(lambda: redis.exists(f"kpg:idem:append-events:{key}"))
+            with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+                await client.events.AppendEvents(request)
+            async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
+                rest = await http.post(
+                    f"/v1/streams/orders/{stream}/events",
+                    json={"events": [{"type": "OrderPlaced", "data": {"n": 1}}]},
+                    headers={"Idempotency-Key": key},
+                )
+            assert not first.done()
+            await redis.delete(lease)
+            answer = await asyncio.wait_for(first, 30)
+            retry = await client.events.AppendEvents(request)
+    finally:
+        await redis.delete(lease)
+        await redis.aclose()
+    details = error_details(in_flight.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_IN_FLIGHT")
+    assert rest.status_code == 409 and rest.json()["error"]["reason"] == "IDEMPOTENCY_KEY_IN_FLIGHT"
+    assert (answer.first_version, answer.duplicate) == (1, False)
+    assert retry.duplicate and retry.first_offset == answer.first_offset
+    assert [v for v, _ in _landed(backends, "orders.events", stream)] == [1]
 
 
 async def test_rest_append_read_and_conflict(gateway: GatewayProcess) -> None:
@@ -310,3 +468,58 @@ async def test_subscribe_from_the_middle_sees_every_event_once_in_order(gateway:
             if envelope.version == 15:
                 break
         assert resumed == list(range(8, 16))
+
+
+async def _sse_events(
+    http: httpx.AsyncClient,
+    params: dict[str, str],
+    *,
+    until_version: int,
+    headers: dict[str, str] | None = None,
+) -> list[tuple[str, dict[str, object]]]:
+    """(SSE id, event body) of each `event` frame of a subscription, up to a version."""
+    frames: list[tuple[str, dict[str, object]]] = []
+    async with http.stream("GET", "/v1/streams/orders/subscribe", params=params, headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        fields: dict[str, str] = {}
+        async for line in response.aiter_lines():
+            if line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+                continue
+            assert fields.get("event") == "event", fields
+            body = json.loads(fields["data"])
+            frames.append((fields["id"], body))
+            fields = {}
+            if int(body["version"]) == until_version:
+                return frames
+    raise AssertionError(f"the stream ended after {len(frames)} events")
+
+
+async def test_rest_subscribe_with_server_sent_events(gateway: GatewayProcess) -> None:
+    stream = f"order-{uuid.uuid4().hex[:8]}"
+    url = f"/v1/streams/orders/{stream}/events"
+    async with httpx.AsyncClient(base_url=gateway.rest_url, timeout=60) as http:
+        for i in range(3):
+            await http.post(url, json={"events": [{"type": "OrderPlaced", "data": {"n": i}}]})
+        subscriber = asyncio.create_task(
+            _sse_events(http, {"streamId": stream, "fromVersion": "2"}, until_version=8)
+        )
+        for i in range(3, 8):  # live while it catches up
+            assert (
+                await http.post(url, json={"events": [{"type": "ItemAdded", "data": {"n": i}}]})
+            ).is_success
+        frames = await asyncio.wait_for(subscriber, 60)
+        assert [int(str(body["version"])) for _, body in frames] == list(range(2, 9))
+        assert [body["data"] for _, body in frames] == [{"n": i} for i in range(1, 8)]
+        assert all(frame_id == body["position"] for frame_id, body in frames)
+
+        # A reconnecting EventSource sends the last id it saw: the stream continues exactly after it.
+        resumed = await _sse_events(
+            http, {"streamId": stream}, until_version=8, headers={"Last-Event-ID": frames[3][0]}
+        )
+        assert [int(str(body["version"])) for _, body in resumed] == [6, 7, 8]
+
+        bad = await http.get("/v1/streams/orders/subscribe", params={"fromPosition": "garbage"})
+        assert (bad.status_code, bad.json()["error"]["reason"]) == (400, "INVALID_ARGUMENT")

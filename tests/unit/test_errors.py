@@ -27,7 +27,13 @@ CONTRACT = {
 
 @pytest.mark.parametrize(("reason", "expected"), CONTRACT.items())
 def test_every_reason_maps_as_the_contract_says(reason: str, expected: tuple[str, int]) -> None:
-    assert (Reason[reason].grpc_code, Reason[reason].http_status) == expected
+    member = Reason[reason]
+    assert (member.name, member.grpc_code, member.http_status) == (reason, *expected)
+
+
+def test_reasons_sharing_a_mapping_stay_distinct() -> None:
+    # Iterating an enum skips aliases: every reason must be a member of its own.
+    assert [r.name for r in Reason] == list(Reason.__members__)
 
 
 def test_proto_error_reason_enum_lists_the_same_reasons() -> None:

@@ -111,6 +111,8 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
             from_version=request.from_version,
             max_count=request.max_count,
             backwards=request.backwards,
+            min_position=request.min_position,
+            wait_timeout_ms=request.wait_timeout_ms,
         )
         return event_store_pb2.ReadStreamResponse(
             events=[convert.event_to_pb(e) for e in events], stream_version=head

@@ -49,6 +49,7 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
         max_count: Annotated[int, Query(alias="maxCount", ge=0)] = 0,
         backwards: bool = False,
         min_position: Annotated[str, Query(alias="minPosition")] = "",
+        wait_timeout_ms: Annotated[int, Query(alias="waitTimeoutMs", ge=0)] = 0,
     ) -> dict[str, Any]:
         events, head = await store.read_stream(
             category,
@@ -57,6 +58,7 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
             max_count=max_count,
             backwards=backwards,
             min_position=min_position,
+            wait_timeout_ms=wait_timeout_ms,
         )
         return {"events": [convert.event_to_json(e) for e in events], "streamVersion": str(head)}
 

@@ -352,6 +352,8 @@ class ReadStreamRequest(_message.Message):
     FROM_VERSION_FIELD_NUMBER: _builtins.int
     MAX_COUNT_FIELD_NUMBER: _builtins.int
     BACKWARDS_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """Category of the stream."""
     stream_id: _builtins.str
@@ -364,6 +366,14 @@ class ReadStreamRequest(_message.Message):
     """Maximum number of events to return; 0 means the server's default."""
     backwards: _builtins.bool
     """Read from from_version towards version 1 instead of towards the head."""
+    min_position: _builtins.str
+    """Read your own write: wait until the stream index has applied this
+    position (an AppendEventsResponse.position of this category) first.
+    """
+    wait_timeout_ms: _builtins.int
+    """How long to wait for min_position, in milliseconds; 0 means 5000. Past
+    it the call fails DEADLINE_EXCEEDED with reason READ_MODEL_BEHIND.
+    """
     def __init__(
         self,
         *,
@@ -372,10 +382,12 @@ class ReadStreamRequest(_message.Message):
         from_version: _builtins.int = ...,
         max_count: _builtins.int = ...,
         backwards: _builtins.bool = ...,
+        min_position: _builtins.str = ...,
+        wait_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backwards", b"backwards", "category", b"category", "from_version", b"from_version", "max_count", b"max_count", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backwards", b"backwards", "category", b"category", "from_version", b"from_version", "max_count", b"max_count", "min_position", b"min_position", "stream_id", b"stream_id", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
