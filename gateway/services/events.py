@@ -450,21 +450,30 @@ class PartitionWriter:
 
     # --- appending -------------------------------------------------------------------------------------
 
-    async def _head(self, key: StreamKey) -> int:
-        head = self._heads.get(key)
-        if head is None:
-            head = await asyncio.to_thread(self.indexer.index.head, *key)
-            self._heads[key] = head
-        return head
+    async def _load_heads(self, batch: list[_Pending]) -> None:
+        """Heads of the batch's streams this writer does not know yet, from the index in one query."""
+        missing = {(p.request.category, p.request.stream_id) for p in batch} - self._heads.keys()
+        if missing:
+            self._heads.update(await asyncio.to_thread(self.indexer.index.heads, missing))
 
     async def _write_batch(self) -> None:
-        assert self._producer is not None
         batch, events = [], 0
         while self._pending and events < self.settings.max_batch_events:
             pending = self._pending.pop(0)
             if not pending.future.done():
                 batch.append(pending)
                 events += len(pending.request.events)
+        try:
+            await self._write(batch)
+        except BaseException as exc:
+            # Whatever went wrong, no caller of this batch is left waiting (and none is told "written").
+            failure = exc if isinstance(exc, GatewayError) else BackendUnavailable(f"append failed: {exc!r}")
+            self._fail(batch, failure)
+            raise
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        assert self._producer is not None
+        await self._load_heads(batch)
         planned_heads: dict[StreamKey, int] = {}
         plans: list[_Planned] = []
         records: list[OutRecord] = []
@@ -472,7 +481,7 @@ class PartitionWriter:
         for pending in batch:
             request = pending.request
             key = (request.category, request.stream_id)
-            head = planned_heads.get(key) or await self._head(key)
+            head = planned_heads.get(key) or self._heads[key]
             try:
                 duplicate = await self._duplicate_of(pending)
             except GatewayError as exc:

@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.records import Record
+from gateway.adapters.kafka.threads import on_client_thread
 from gateway.errors import BackendUnavailable
 from gateway.settings import KafkaSettings
 
@@ -78,10 +79,7 @@ class ConsumerRunner:
         self._executor.shutdown(wait=True)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except KafkaException as exc:
-            raise BackendUnavailable(f"Kafka consumer {self.group_id}: {exc.args[0]}") from exc
+        return await on_client_thread(self._executor, f"Kafka consumer {self.group_id}", fn, *args)
 
     def _open(self) -> None:
         self._consumer = Consumer(self._config)

@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.consumer import to_record
 from gateway.adapters.kafka.records import Record
-from gateway.errors import BackendUnavailable
+from gateway.adapters.kafka.threads import on_client_thread
 from gateway.settings import KafkaSettings
 
 T = TypeVar("T")
@@ -76,7 +76,4 @@ class TopicTail:
         self._executor.shutdown(wait=False)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except KafkaException as exc:
-            raise BackendUnavailable(f"reading {self._topic}: {exc.args[0].str()}") from exc
+        return await on_client_thread(self._executor, f"reading {self._topic}", fn, *args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
 from datetime import datetime
 
 from sqlalchemy import and_, tuple_
@@ -39,23 +40,18 @@ class StreamEventRow(SQLModel, table=True):
     correlation_id: str = ""
     causation_id: str = ""
 
+    @classmethod
+    def from_event(cls, event: StoredEvent) -> StreamEventRow:
+        columns = {name: getattr(event, name) for name in _SHARED_FIELDS}
+        return cls(**columns, metadata_json=json.dumps(event.metadata))
+
     def to_event(self) -> StoredEvent:
-        return StoredEvent(
-            event_id=self.event_id,
-            category=self.category,
-            stream_id=self.stream_id,
-            version=self.version,
-            type=self.type,
-            data=self.data,
-            content_type=self.content_type,
-            metadata=json.loads(self.metadata_json),
-            recorded_at=self.recorded_at,
-            topic=self.topic,
-            partition=self.partition,
-            offset=self.offset,
-            correlation_id=self.correlation_id,
-            causation_id=self.causation_id,
-        )
+        columns = {name: getattr(self, name) for name in _SHARED_FIELDS}
+        return StoredEvent(**columns, metadata=json.loads(self.metadata_json))
+
+
+# Every StoredEvent field is a column of the same name, except metadata (stored as JSON text).
+_SHARED_FIELDS = tuple(f.name for f in fields(StoredEvent) if f.name != "metadata")
 
 
 class StreamHeadRow(SQLModel, table=True):
@@ -84,6 +80,7 @@ class IndexMetaRow(SQLModel, table=True):
 
 
 TopicPartition = tuple[str, int]
+StreamKey = tuple[str, str]  # (category, stream_id)
 
 
 class StreamIndex:
@@ -132,15 +129,7 @@ class StreamIndex:
                 if positions
                 else {}
             )
-            heads: dict[tuple[str, str], StreamHeadRow] = {}
-            keys = list({(e.category, e.stream_id) for e in events})
-            for chunk in _chunks(keys, 200):
-                for head in session.exec(
-                    select(StreamHeadRow).where(
-                        tuple_(col(StreamHeadRow.category), col(StreamHeadRow.stream_id)).in_(chunk)
-                    )
-                ):
-                    heads[(head.category, head.stream_id)] = head
+            heads = _load_heads(session, {(e.category, e.stream_id) for e in events})
             added = []
             for event in events:
                 done = progress.get((event.topic, event.partition))
@@ -149,7 +138,7 @@ class StreamIndex:
                 known = heads.get((event.category, event.stream_id))
                 if known is not None and event.version <= known.version:
                     continue  # a version this stream already has (first in the log wins)
-                session.add(_row(event))
+                session.add(StreamEventRow.from_event(event))
                 head = known or StreamHeadRow(
                     category=event.category,
                     stream_id=event.stream_id,
@@ -184,10 +173,24 @@ class StreamIndex:
             found = {(r.topic, r.partition): r.next_offset for r in rows}
         return {tp: found.get(tp, 0) for tp in wanted}
 
-    def head(self, category: str, stream_id: str) -> int:
-        with self._session() as session:
-            row = session.get(StreamHeadRow, (category, stream_id))
-            return row.version if row else 0
+    def heads(self, streams: Iterable[StreamKey]) -> dict[StreamKey, int]:
+        """The head version of each stream (0 for a stream the index does not know), in one round trip."""
+        heads = dict.fromkeys(streams, 0)
+        by_category: dict[str, list[str]] = {}
+        for category, stream_id in heads:
+            by_category.setdefault(category, []).append(stream_id)
+        # Core, not the ORM: this runs on the append path for every stream a writer has not seen yet.
+        with self._engine.connect() as connection:
+            for category, stream_ids in by_category.items():
+                for i in range(0, len(stream_ids), 500):
+                    rows = connection.execute(
+                        select(col(StreamHeadRow.stream_id), col(StreamHeadRow.version)).where(
+                            col(StreamHeadRow.category) == category,
+                            col(StreamHeadRow.stream_id).in_(stream_ids[i : i + 500]),
+                        )
+                    )
+                    heads.update(((category, stream_id), version) for stream_id, version in rows)
+        return heads
 
     def read(
         self, category: str, stream_id: str, *, from_version: int, max_count: int, backwards: bool
@@ -231,25 +234,18 @@ class StreamIndex:
             return row.offset if row else None
 
 
-def _row(event: StoredEvent) -> StreamEventRow:
-    return StreamEventRow(
-        category=event.category,
-        stream_id=event.stream_id,
-        version=event.version,
-        event_id=event.event_id,
-        type=event.type,
-        data=event.data,
-        content_type=event.content_type,
-        metadata_json=json.dumps(event.metadata),
-        recorded_at=event.recorded_at,
-        topic=event.topic,
-        partition=event.partition,
-        offset=event.offset,
-        correlation_id=event.correlation_id,
-        causation_id=event.causation_id,
-    )
+def _load_heads(session: Session, keys: Iterable[StreamKey]) -> dict[StreamKey, StreamHeadRow]:
+    heads: dict[StreamKey, StreamHeadRow] = {}
+    for chunk in _chunks(list(keys), 200):
+        for head in session.exec(
+            select(StreamHeadRow).where(
+                tuple_(col(StreamHeadRow.category), col(StreamHeadRow.stream_id)).in_(chunk)
+            )
+        ):
+            heads[(head.category, head.stream_id)] = head
+    return heads
 
 
-def _chunks(items: list[tuple[str, str]], size: int) -> Iterable[list[tuple[str, str]]]:
+def _chunks(items: list[StreamKey], size: int) -> Iterable[list[StreamKey]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
