@@ -17,18 +17,20 @@ from typing import Any
 
 from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
 from gateway.adapters.redis import IdempotencyStore, LeaseStore, RedisClient
-from gateway.adapters.sql import Database, StreamIndex
+from gateway.adapters.sql import Database, ReadModelStore, StreamIndex
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
 from gateway.services.events import EventStore
 from gateway.services.health import BackendMonitor
 from gateway.services.idempotency import Idempotency, IdempotencySettings
+from gateway.services.read_models import ReadModels
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
 from gateway.transport.grpc import create_grpc_server
 from gateway.transport.grpc.servicers import bindings
 from gateway.transport.rest import create_rest_app, create_rest_server
 from gateway.transport.rest.events import event_store_router
+from gateway.transport.rest.read_models import read_models_router
 
 log = logging.getLogger("gateway")
 
@@ -59,15 +61,25 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         ),
         indexer=indexer,
     )
+    read_models = ReadModels(
+        settings=settings.read_models,
+        kafka=settings.kafka,
+        definitions=definitions,
+        store=ReadModelStore(database),
+        admin=admin,
+        producer=producer,
+    )
     write_timeout_s = settings.events.subscriber_write_timeout_ms / 1000
 
     async def create_topics() -> None:
         topics = definitions.topics_to_create(settings.kafka.default_partitions)
-        created = await admin.ensure_topics(TopicSpec(name, parts) for name, parts in topics.items())
+        specs = [TopicSpec(name, parts) for name, parts in topics.items()] + read_models.topics()
+        created = await admin.ensure_topics(specs)
         if created:
             log.info("created topics: %s", ", ".join(sorted(created)))
         if index_topics:
             await indexer.start()
+        await read_models.start()
 
     monitor = BackendMonitor(
         probes={"kafka": lambda: admin.ping(settings.health.check_timeout_s), "redis": redis.ping},
@@ -76,10 +88,16 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         on_first_ready=create_topics,
     )
     grpc_server, grpc_port = await create_grpc_server(
-        settings.grpc, bindings=bindings(events, write_timeout_s=write_timeout_s), monitor=monitor
+        settings.grpc,
+        bindings=bindings(events, read_models, write_timeout_s=write_timeout_s),
+        monitor=monitor,
     )
     rest_app = create_rest_app(
-        monitor=monitor, routers=[event_store_router(events, write_timeout_s=write_timeout_s)]
+        monitor=monitor,
+        routers=[
+            event_store_router(events, write_timeout_s=write_timeout_s),
+            read_models_router(read_models),
+        ],
     )
     rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app)
 
@@ -108,6 +126,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     rest_server.should_exit = True
     await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), rest_task, return_exceptions=True)
     await events.close()
+    await read_models.stop()
     await indexer.stop()
     await producer.close(settings.shutdown_grace_s)
     await redis.close()
@@ -171,6 +190,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     try:
         asyncio.run(serve(settings, definitions))
+    except DefinitionsError as exc:  # a Python handler that cannot be imported
+        log.error("invalid definitions: %s", exc)
+        print(f"kpg serve: invalid definitions: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     except OSError as exc:
         print(f"kpg serve: {exc}", file=sys.stderr)
         return 1

@@ -16,10 +16,13 @@ from typing import Any, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.domain.projections import DeclarativeHandler, check_expression
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 # Kafka's own rule for topic names.
 TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 PYTHON_REF_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+FIELD_PART_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
 
 class DefinitionsError(ValueError):
@@ -69,7 +72,29 @@ class HandlerDef(_Def):
     def _not_empty(self) -> Self:
         if not (self.set_ or self.unset or self.increment or self.append or self.delete):
             raise ValueError("a handler needs at least one of set, unset, increment, append, delete")
+        if self.delete and (self.set_ or self.unset or self.increment or self.append):
+            raise ValueError("delete removes the document: it cannot be combined with other operations")
+        for operation, fields in (("set", self.set_), ("increment", self.increment), ("append", self.append)):
+            for field, expression in fields.items():
+                check_field_path(field, f"{operation}.{field}")
+                check_expression(expression, f"{operation}.{field}")
+        for field in self.unset:
+            check_field_path(field, f"unset.{field}")
         return self
+
+    def compile(self) -> DeclarativeHandler:
+        return DeclarativeHandler(
+            set=self.set_,
+            unset=tuple(self.unset),
+            increment=self.increment,
+            append=self.append,
+            delete=self.delete,
+        )
+
+
+def check_field_path(field: str, where: str) -> None:
+    if not all(FIELD_PART_PATTERN.match(part) for part in field.split(".")):
+        raise ValueError(f"{where}: {field!r} must be a dotted path of names of [A-Za-z0-9_-]")
 
 
 class ReadModelDef(_Def):

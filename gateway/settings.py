@@ -26,6 +26,8 @@ class KafkaSettings(_Frozen):
     linger_ms: int = Field(default=5, ge=0)
     delivery_timeout_ms: int = Field(default=30_000, ge=1_000)
     request_timeout_ms: int = Field(default=10_000, ge=500)
+    # Consumers (stream index, projections): how soon a crashed instance's partitions are taken over.
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     # Extra librdkafka properties (for example security.protocol, sasl.*) passed to every client.
     extra: dict[str, str] = Field(default_factory=dict)
 
@@ -77,6 +79,21 @@ class EventsSettings(_Frozen):
     subscriber_write_timeout_ms: int = Field(default=30_000, ge=100)
 
 
+class ReadModelsSettings(_Frozen):
+    """query-read-model: the projection engine and queries."""
+
+    # A handler that fails is retried this many times in all (backoff doubling from handler_backoff_ms),
+    # then its event goes to `<topic>.DLT` and the projection continues with the next one.
+    handler_max_attempts: int = Field(default=3, ge=1)
+    handler_backoff_ms: int = Field(default=100, ge=0)
+    batch_size: int = Field(default=500, ge=1)
+    # Default wait for `min_position` when a call gives no wait_timeout_ms; calls may ask up to the max.
+    default_wait_ms: int = Field(default=5_000, ge=0)
+    max_wait_ms: int = Field(default=60_000, ge=0)
+    # How often an instance looks at the shared registry (rebuilds started or swapped by another instance).
+    registry_poll_ms: int = Field(default=1_000, ge=50)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KPG_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -89,6 +106,7 @@ class Settings(BaseSettings):
     rest: RestSettings = RestSettings()
     health: HealthSettings = HealthSettings()
     events: EventsSettings = EventsSettings()
+    read_models: ReadModelsSettings = ReadModelsSettings()
     definitions: Path | None = None
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,12 +1,15 @@
-"""Shared fixtures: the real Kafka broker and Redis server for this test session.
+"""Shared fixtures: the real Kafka broker, Redis server and PostgreSQL server for this test session.
 
 The devstack starts them on free ports in a fresh folder (and stops them at the end), unless
-`KPG_TEST_KAFKA_BOOTSTRAP` and `KPG_TEST_REDIS_URL` name a stack to reuse.
+`KPG_TEST_KAFKA_BOOTSTRAP` and `KPG_TEST_REDIS_URL` name a stack to reuse, or `KPG_TEST_POSTGRES_URL` a
+PostgreSQL server. PostgreSQL starts only when a test asks for `postgres_url`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from gateway.devstack import DevStack
+from gateway.devstack.postgres import PostgresNode, find_postgres_bin
+from gateway.devstack.processes import free_port, wait_until
 from gateway.settings import KafkaSettings, RedisSettings
 
 
@@ -43,6 +48,26 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
         yield Backends(info.bootstrap_servers, info.redis_url)
     finally:
         stack.down()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A plain `postgresql://user:password@host:port/db` URL of a real server."""
+    configured = os.environ.get("KPG_TEST_POSTGRES_URL")
+    if configured:
+        yield configured
+        return
+    # Not under pytest's tmp folder: as root the server runs as `postgres`, which cannot enter the 0700
+    # /tmp/pytest-of-root.
+    state_dir = Path(tempfile.mkdtemp(prefix="kpg-postgres-"))
+    node = PostgresNode(state_dir, free_port())
+    try:
+        node.start(find_postgres_bin())
+        wait_until(node.answers, what="PostgreSQL", timeout_s=60, process=node.process)
+        yield node.url
+    finally:
+        node.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture

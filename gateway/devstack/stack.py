@@ -1,4 +1,5 @@
-"""`DevStack`: one Kafka broker and one Redis server on loopback, with their state in one folder.
+"""`DevStack`: one Kafka broker and one Redis server (and, on request, PostgreSQL) on loopback, with
+their state in one folder.
 
 `up` writes `stack.json` (ports) and a pid file per process into the state folder; `down` stops exactly
 the processes those pid files name; `env` prints the settings the gateway needs to reach them.
@@ -15,6 +16,7 @@ from pathlib import Path
 from gateway.adapters.kafka.admin import kafka_answers
 from gateway.adapters.redis.client import redis_answers
 from gateway.devstack.kafka import KAFKA_VERSION, KafkaNode, default_cache_dir, find_java, resolve_kafka
+from gateway.devstack.postgres import PostgresNode, find_postgres_bin, url_for
 from gateway.devstack.processes import StackError, ensure_port_free, free_port, wait_until
 from gateway.devstack.redis import RedisNode, find_redis_server
 
@@ -30,6 +32,7 @@ class StackInfo:
     kafka_port: int
     controller_port: int
     redis_port: int
+    postgres_port: int | None = None  # None: the stack runs no PostgreSQL
 
     @property
     def bootstrap_servers(self) -> str:
@@ -39,8 +42,15 @@ class StackInfo:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
+    @property
+    def postgres_url(self) -> str | None:
+        return None if self.postgres_port is None else url_for(self.postgres_port)
+
     def env(self) -> dict[str, str]:
-        return {"KPG_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers, "KPG_REDIS__URL": self.redis_url}
+        env = {"KPG_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers, "KPG_REDIS__URL": self.redis_url}
+        if self.postgres_url is not None:
+            env["KPG_DATABASE__URL"] = self.postgres_url
+        return env
 
 
 class DevStack:
@@ -73,9 +83,11 @@ class DevStack:
         kafka_port: int = DEFAULT_KAFKA_PORT,
         controller_port: int = DEFAULT_CONTROLLER_PORT,
         redis_port: int = DEFAULT_REDIS_PORT,
+        postgres_port: int | None = None,
         progress: Callable[[str], None] = lambda _: None,
     ) -> StackInfo:
-        """Start whatever is not running yet and wait until both servers answer. Port 0 picks a free port."""
+        """Start whatever is not running yet and wait until the servers answer. Port 0 picks a free port;
+        PostgreSQL runs only when asked for (`postgres_port`) or already part of the stack."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         previous = self.info()
         if previous is not None:  # keep the ports of a stack that is (partly) running
@@ -84,14 +96,23 @@ class DevStack:
                 previous.controller_port,
                 previous.redis_port,
             )
+            if previous.postgres_port is not None:
+                postgres_port = previous.postgres_port
         info = StackInfo(
             kafka_port=kafka_port or free_port(),
             controller_port=controller_port or free_port(),
             redis_port=redis_port or free_port(),
+            postgres_port=None if postgres_port is None else postgres_port or free_port(),
         )
         kafka = KafkaNode(self.state_dir, info.kafka_port, info.controller_port)
         redis = RedisNode(self.state_dir, info.redis_port)
+        postgres = None if info.postgres_port is None else PostgresNode(self.state_dir, info.postgres_port)
 
+        if postgres is not None and postgres.process.pid() is None:
+            bin_dir = find_postgres_bin(progress=progress)
+            ensure_port_free(postgres.port, "PostgreSQL")
+            progress(f"starting PostgreSQL ({bin_dir}) on 127.0.0.1:{postgres.port}")
+            postgres.start(bin_dir)
         if redis.process.pid() is None:
             binary = find_redis_server()
             ensure_port_free(info.redis_port, "Redis")
@@ -120,6 +141,10 @@ class DevStack:
             timeout_s=self.start_timeout_s,
             process=kafka.process,
         )
+        if postgres is not None:
+            wait_until(
+                postgres.answers, what="PostgreSQL", timeout_s=self.start_timeout_s, process=postgres.process
+            )
         return info
 
     def down(self) -> list[str]:
@@ -127,7 +152,7 @@ class DevStack:
         info = self.info()
         stopped = []
         for node in self._nodes(info):
-            if node.process.stop():
+            if node.stop() if isinstance(node, PostgresNode) else node.process.stop():
                 stopped.append(node.process.name)
         self._info_file.unlink(missing_ok=True)
         return stopped
@@ -137,17 +162,10 @@ class DevStack:
         result: dict[str, dict[str, object]] = {}
         for node in self._nodes(info):
             pid = node.process.pid()
-            answers = False
-            if pid is not None and info is not None:
-                answers = (
-                    kafka_answers(info.bootstrap_servers, 2.0)
-                    if isinstance(node, KafkaNode)
-                    else redis_answers(info.redis_url, 1.0)
-                )
             result[node.process.name] = {
                 "pid": pid,
                 "address": node.bootstrap if isinstance(node, KafkaNode) else node.url,
-                "answers": answers,
+                "answers": pid is not None and info is not None and _answers(node),
                 "log": str(node.process.log_file),
             }
         return result
@@ -158,9 +176,21 @@ class DevStack:
             raise StackError(f"no dev stack in {self.state_dir}: run `kpg dev up` first")
         return [f"export {key}={shlex.quote(value)}" for key, value in info.env().items()]
 
-    def _nodes(self, info: StackInfo | None) -> list[KafkaNode | RedisNode]:
+    def _nodes(self, info: StackInfo | None) -> list[KafkaNode | RedisNode | PostgresNode]:
         info = info or StackInfo(DEFAULT_KAFKA_PORT, DEFAULT_CONTROLLER_PORT, DEFAULT_REDIS_PORT)
-        return [
+        nodes: list[KafkaNode | RedisNode | PostgresNode] = [
             KafkaNode(self.state_dir, info.kafka_port, info.controller_port),
             RedisNode(self.state_dir, info.redis_port),
         ]
+        postgres = PostgresNode(self.state_dir, info.postgres_port or 0)
+        if info.postgres_port is not None or postgres.process.pid_file.exists():
+            nodes.append(postgres)
+        return nodes
+
+
+def _answers(node: KafkaNode | RedisNode | PostgresNode) -> bool:
+    if isinstance(node, KafkaNode):
+        return kafka_answers(node.bootstrap, 2.0)
+    if isinstance(node, RedisNode):
+        return redis_answers(node.url, 1.0)
+    return node.answers()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from gateway.adapters.kafka import ConsumerRunner, Record
 from gateway.adapters.sql import StreamIndex
 from gateway.domain.events import parse_event
+from gateway.services.progress import Progress
 from gateway.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ TopicPartition = tuple[str, int]
 class StreamIndexer:
     def __init__(self, kafka: KafkaSettings, index: StreamIndex, *, topics: Sequence[str]) -> None:
         self.index = index
-        self._progressed = asyncio.Condition()
+        self._progress = Progress()
         self._runner = ConsumerRunner(
             kafka,
             group_id=f"kpg-stream-index-{index.index_id()}",
@@ -54,28 +55,18 @@ class StreamIndexer:
             if event is not None:
                 events.append(event)
         await asyncio.to_thread(self.index.apply, events, positions)
-        await self._notify()
+        self._progress.notify()
 
     async def _advance(self, positions: dict[TopicPartition, int]) -> None:
         # Positions past transaction markers (no rows to index there).
         await asyncio.to_thread(self.index.apply, [], positions)
-        await self._notify()
-
-    async def _notify(self) -> None:
-        async with self._progressed:
-            self._progressed.notify_all()
+        self._progress.notify()
 
     async def wait_for(self, topic: str, partition: int, offset: int, timeout_s: float) -> bool:
         """Wait until the index has applied `partition` up to (not including) `offset`."""
         key = (topic, partition)
-        try:
-            async with asyncio.timeout(timeout_s):
-                while (await asyncio.to_thread(self.index.progress, [key]))[key] < offset:
-                    async with self._progressed:
-                        try:  # woken by our own consumer, or re-check the database (shared index)
-                            await asyncio.wait_for(self._progressed.wait(), 0.1)
-                        except TimeoutError:
-                            pass
-        except TimeoutError:
-            return False
-        return True
+
+        async def reached() -> bool:
+            return (await asyncio.to_thread(self.index.progress, [key]))[key] >= offset
+
+        return await self._progress.wait_until(reached, timeout_s)

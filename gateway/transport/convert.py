@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from kpg.v1 import event_store_pb2
+from kpg.v1 import event_store_pb2, read_models_pb2
 
 from gateway.domain.events import (
     DEFAULT_CONTENT_TYPE,
@@ -27,6 +28,7 @@ from gateway.domain.events import (
     new_event_id,
 )
 from gateway.errors import InvalidArgument
+from gateway.services.read_models import Document, FieldFilter, ReadModelStatus
 
 _EXPECTED_STATE = {
     event_store_pb2.EXPECTED_STATE_UNSPECIFIED: Expectation.ANY,
@@ -155,4 +157,71 @@ def event_to_json(event: StoredEvent, *, position: str = "") -> dict[str, Any]:
             body["data"] = json.loads(event.data) if event.data else None
         except ValueError:
             pass  # stored as bytes that are not JSON (written by another producer): leave it base64
+    return body
+
+
+# --- ReadModels -------------------------------------------------------------------------------------------
+
+_STATES = {
+    "RUNNING": read_models_pb2.READ_MODEL_STATE_RUNNING,
+    "REBUILDING": read_models_pb2.READ_MODEL_STATE_REBUILDING,
+    "FAILED": read_models_pb2.READ_MODEL_STATE_FAILED,
+}
+
+
+def document_to_pb(document: Document) -> read_models_pb2.Document:
+    row = document.row
+    message = read_models_pb2.Document(
+        read_model=document.read_model, key=row.key, version=row.version, position=row.position
+    )
+    message.data.update(row.data)
+    message.updated_at.FromDatetime(row.updated_at)
+    return message
+
+
+def filters_from_pb(filters: Sequence[read_models_pb2.Filter]) -> list[FieldFilter]:
+    out = []
+    for i, f in enumerate(filters):
+        if f.op == read_models_pb2.FILTER_OP_UNSPECIFIED:
+            raise InvalidArgument.field(
+                f"filters[{i}].op", "is required (EQ, NE, LT, LTE, GT, GTE, IN, PREFIX)"
+            )
+        value = json_format.MessageToDict(f.value) if f.HasField("value") else None
+        out.append(
+            FieldFilter(f.field, read_models_pb2.FilterOp.Name(f.op).removeprefix("FILTER_OP_"), value)
+        )
+    return out
+
+
+def status_to_pb(status: ReadModelStatus) -> read_models_pb2.ReadModelStatus:
+    return read_models_pb2.ReadModelStatus(
+        read_model=status.read_model,
+        state=_STATES.get(status.state, read_models_pb2.READ_MODEL_STATE_UNSPECIFIED),
+        position=status.position,
+        lag=status.lag,
+        documents=status.documents,
+        category=status.category,
+        error=status.error,
+    )
+
+
+def query_body_to_pb(body: Any, *, read_model: str) -> read_models_pb2.QueryRequest:
+    """The REST body of Query (proto3 JSON); filter ops may be written short (`EQ`) as the contract does."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    body = dict(body)
+    filters = body.get("filters")
+    if isinstance(filters, list):
+        body["filters"] = [_filter_body(f) for f in filters]
+    message = read_models_pb2.QueryRequest()
+    parse_json(body, message)
+    message.read_model = read_model
+    return message
+
+
+def _filter_body(body: Any) -> Any:
+    if isinstance(body, dict) and isinstance(body.get("op"), str) and not body["op"].startswith("FILTER_OP_"):
+        return {**body, "op": f"FILTER_OP_{body['op']}"}
     return body

@@ -50,10 +50,10 @@ class KafkaAdmin:
     async def ensure_topics(self, specs: Iterable[TopicSpec], timeout_s: float = 30.0) -> list[str]:
         """Create the topics that do not exist yet; returns the names created. Existing ones are left as
         they are (a partition count is never changed behind an operator's back)."""
-        specs = list(specs)
-        if not specs:
+        unique = list({s.name: s for s in specs}.values())  # the broker rejects a name given twice
+        if not unique:
             return []
-        return await asyncio.to_thread(self._ensure_topics, specs, timeout_s)
+        return await asyncio.to_thread(self._ensure_topics, unique, timeout_s)
 
     def _ensure_topics(self, specs: list[TopicSpec], timeout_s: float) -> list[str]:
         new = [

@@ -46,6 +46,9 @@ def consumer_config(settings: KafkaSettings, group_id: str, **overrides: Any) ->
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "partition.assignment.strategy": "cooperative-sticky",
+        # A crashed instance's partitions move to the others after this (Kafka's default is 45 s).
+        "session.timeout.ms": settings.consumer_session_timeout_ms,
+        "heartbeat.interval.ms": max(500, settings.consumer_session_timeout_ms // 5),
         **overrides,
         **settings.extra,
     }

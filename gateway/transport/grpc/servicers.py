@@ -28,6 +28,7 @@ from kpg.v1 import (
 
 from gateway.errors import NotImplementedYet, SubscriberTooSlow
 from gateway.services.events import EventStore
+from gateway.services.read_models import ReadModels
 from gateway.transport import convert
 
 
@@ -140,9 +141,67 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
                 ) from None
 
 
-def bindings(event_store: EventStore, *, write_timeout_s: float) -> list[ServiceBinding]:
+class ReadModelsServicer(read_models_pb2_grpc.ReadModelsServicer):
+    """kpg.v1.ReadModels over gRPC."""
+
+    def __init__(self, read_models: ReadModels) -> None:
+        self._models = read_models
+
+    async def Get(
+        self, request: read_models_pb2.GetDocumentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> read_models_pb2.Document:
+        document = await self._models.get(
+            request.read_model,
+            request.key,
+            min_position=request.min_position,
+            wait_timeout_ms=request.wait_timeout_ms,
+        )
+        return convert.document_to_pb(document)
+
+    async def Query(
+        self, request: read_models_pb2.QueryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> read_models_pb2.QueryResponse:
+        documents, next_page_token, position = await self._models.query(
+            request.read_model,
+            filters=convert.filters_from_pb(request.filters),
+            order_by=request.order_by,
+            descending=request.descending,
+            limit=request.limit,
+            page_token=request.page_token,
+            min_position=request.min_position,
+            wait_timeout_ms=request.wait_timeout_ms,
+        )
+        return read_models_pb2.QueryResponse(
+            documents=[convert.document_to_pb(d) for d in documents],
+            next_page_token=next_page_token,
+            position=position,
+        )
+
+    async def GetStatus(
+        self, request: read_models_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> read_models_pb2.ReadModelStatus:
+        return convert.status_to_pb(await self._models.status(request.read_model))
+
+    async def Rebuild(
+        self, request: read_models_pb2.RebuildRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> read_models_pb2.ReadModelStatus:
+        return convert.status_to_pb(await self._models.rebuild(request.read_model))
+
+    async def ListReadModels(
+        self, request: read_models_pb2.ListReadModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> read_models_pb2.ListReadModelsResponse:
+        statuses = await self._models.list()
+        return read_models_pb2.ListReadModelsResponse(read_models=[convert.status_to_pb(s) for s in statuses])
+
+
+def bindings(
+    event_store: EventStore, read_models: ReadModels, *, write_timeout_s: float
+) -> list[ServiceBinding]:
     """The services of this gateway: implemented ones replace their placeholder."""
-    implemented = {"kpg.v1.EventStore": EventStoreServicer(event_store, write_timeout_s=write_timeout_s)}
+    implemented: dict[str, object] = {
+        "kpg.v1.EventStore": EventStoreServicer(event_store, write_timeout_s=write_timeout_s),
+        "kpg.v1.ReadModels": ReadModelsServicer(read_models),
+    }
     return [
         ServiceBinding(b.descriptor, implemented.get(b.full_name, b.servicer), b.register)
         for b in default_bindings()

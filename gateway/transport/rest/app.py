@@ -20,11 +20,6 @@ from gateway.transport.rest.errors import install_error_handlers
 
 # (method, path, rpc, pattern): the contract's REST routes that later issues implement.
 PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
-    ("GET", "/v1/read-models", "ReadModels.ListReadModels", "query-read-model"),
-    ("GET", "/v1/read-models/{read_model}", "ReadModels.GetStatus", "query-read-model"),
-    ("GET", "/v1/read-models/{read_model}/documents/{key}", "ReadModels.Get", "query-read-model"),
-    ("POST", "/v1/read-models/{read_model}/query", "ReadModels.Query", "query-read-model"),
-    ("POST", "/v1/read-models/{read_model}/rebuild", "ReadModels.Rebuild", "query-read-model"),
     ("POST", "/v1/sagas", "Sagas.StartSaga", "start-saga"),
     ("GET", "/v1/sagas", "Sagas.ListSagas", "start-saga"),
     ("GET", "/v1/sagas/{saga_id}", "Sagas.GetSaga", "start-saga"),
