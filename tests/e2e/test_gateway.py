@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kpg import GatewayClient, error_details
-from kpg.v1 import dead_letters_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
+from kpg.v1 import dead_letters_pb2, request_reply_pb2, sagas_pb2
 
 from gateway.adapters.kafka import KafkaAdmin
 from tests.conftest import Backends
@@ -77,12 +77,6 @@ async def test_unknown_rpc_is_unimplemented(gateway: GatewayProcess) -> None:
 @pytest.mark.parametrize(
     ("service", "rpc", "request_message", "pattern"),
     [
-        (
-            "read_models",
-            "Get",
-            read_models_pb2.GetDocumentRequest(read_model="order_summary", key="o-1"),
-            "query-read-model",
-        ),
         ("sagas", "StartSaga", sagas_pb2.StartSagaRequest(saga_type="place_order"), "start-saga"),
         (
             "requests",
