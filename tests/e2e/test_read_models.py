@@ -541,3 +541,33 @@ async def test_rest_query_list_and_status(deployment: Deployment) -> None:
         assert {m["readModel"] for m in models} == {"summary", "tally"}
         status = (await http.get("/v1/read-models/summary")).json()
         assert status["state"] == "READ_MODEL_STATE_RUNNING" and status["category"] == deployment.category
+
+
+async def test_two_gateways_on_one_postgresql_apply_every_event_once(
+    backends: Backends, tmp_path: Path, repo_root: Path, postgres_url: str
+) -> None:
+    """Both instances run the model's consumer group: each event is applied by exactly one of them (an
+    increment applied twice, or lost, would show in the fold)."""
+    deployment = _new_deployment(backends, tmp_path, repo_root, _fresh_database(postgres_url))
+    try:
+        first = await deployment.start()
+        second = await deployment.start()
+        prefix = f"two{uuid.uuid4().hex[:6]}"
+        async with GatewayClient(first.target) as one, GatewayClient(second.target) as other:
+            positions = await _append_workload(one, deployment.category, prefix)
+            await _check_fold(other, prefix, positions)
+            applied = [await _applied_by(g, "summary") for g in (first, second)]
+        assert all(n > 0 for n in applied), f"one instance did all the work: {applied}"
+        assert sum(applied) == STREAMS * EVENTS_PER_STREAM  # once in total, not once per instance
+    finally:
+        deployment.kill_all()
+
+
+async def _applied_by(gateway: GatewayProcess, model: str) -> float:
+    """kpg_projection_events_applied_total of one instance, from its /metrics."""
+    async with httpx.AsyncClient(base_url=gateway.rest_url, timeout=30) as http:
+        text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(f'kpg_projection_events_applied_total{{read_model="{model}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
