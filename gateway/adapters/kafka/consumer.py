@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.records import Record
-from gateway.adapters.kafka.threads import on_client_thread
+from gateway.adapters.kafka.threads import consume_ready, on_client_thread
 from gateway.errors import BackendUnavailable
 from gateway.settings import KafkaSettings
 
@@ -41,6 +41,7 @@ class ConsumerRunner:
         handler: BatchHandler,
         batch_size: int = 500,
         poll_timeout_s: float = 0.2,
+        linger_s: float = 0.05,
         retry_backoff_s: float = 0.5,
         start_offsets: StartOffsets | None = None,
         on_positions: PositionsHandler | None = None,
@@ -51,6 +52,8 @@ class ConsumerRunner:
         self._handler = handler
         self._batch_size = batch_size
         self._poll_timeout_s = poll_timeout_s
+        # After the first record of a batch, wait this long for more (see consume_ready).
+        self._linger_s = linger_s
         self._retry_backoff_s = retry_backoff_s
         # With start_offsets the handler stores its offsets with its data, so Kafka commits are not used.
         self._start_offsets = start_offsets
@@ -104,7 +107,7 @@ class ConsumerRunner:
 
     def _consume(self) -> list[Record]:
         assert self._consumer is not None
-        messages = self._consumer.consume(self._batch_size, self._poll_timeout_s)
+        messages = consume_ready(self._consumer, self._batch_size, self._poll_timeout_s, self._linger_s)
         records = []
         for message in messages:
             error = message.error()

@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.consumer import to_record
 from gateway.adapters.kafka.records import Record
-from gateway.adapters.kafka.threads import on_client_thread
+from gateway.adapters.kafka.threads import consume_ready, on_client_thread
 from gateway.settings import KafkaSettings
 
 T = TypeVar("T")
@@ -58,7 +58,7 @@ class TopicTail:
     def _read(self, max_records: int, timeout_s: float) -> list[Record]:
         assert self._consumer is not None
         out = []
-        for message in self._consumer.consume(max_records, timeout_s):
+        for message in consume_ready(self._consumer, max_records, timeout_s):
             error = message.error()
             if error is None:
                 out.append(to_record(message))

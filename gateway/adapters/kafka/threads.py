@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, Message
 
 from gateway.errors import BackendUnavailable
 
@@ -21,3 +21,22 @@ async def on_client_thread(executor: Executor, what: str, fn: Callable[..., T], 
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
     except KafkaException as exc:
         raise BackendUnavailable(f"{what}: {exc.args[0].str()}") from exc
+
+
+def consume_ready(
+    consumer: Consumer, max_messages: int, timeout_s: float, linger_s: float = 0.01
+) -> list[Message]:
+    """Up to `max_messages` messages soon after the first one arrives (waiting at most `timeout_s` for it).
+
+    librdkafka's batch `consume(n, timeout)` returns only with n messages or at the timeout, which would add
+    the whole timeout to the latency of every quiet moment. This waits for the first message, then lingers
+    `linger_s` for more, as a producer's linger.ms does: a few milliseconds of latency buy batches big
+    enough that a busy gateway does not spend itself on tiny database transactions."""
+    messages = consumer.consume(max_messages, 0)
+    if len(messages) >= max_messages:
+        return messages
+    if not messages:
+        messages = consumer.consume(1, timeout_s)
+        if not messages:
+            return []
+    return messages + consumer.consume(max_messages - len(messages), linger_s)

@@ -47,6 +47,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    type_coerce,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, RowMapping
@@ -367,10 +368,6 @@ def _json_field_factory(connection: Connection, table: Table) -> Callable[[tuple
     if dialect == "sqlite":
         return lambda parts: _SqliteField(table.c.data, parts)
     if dialect == "postgresql":
-        data = table.c.data.expression.type_coerce(postgresql.JSONB()) if False else None  # pragma: no cover
-        del data
-        from sqlalchemy import type_coerce
-
         jsonb = type_coerce(table.c.data, postgresql.JSONB())
         return lambda parts: _PostgresField(jsonb, parts)
     raise NotImplementedError(f"read-model documents support SQLite and PostgreSQL, not {dialect}")
@@ -550,12 +547,19 @@ def _load_sort_value(kind: SortKind, value: Any, dialect: str) -> Any:
         return datetime.fromisoformat(value)
     # A number as the database produced it: exact on both sides of the comparison.
     if dialect == "postgresql":
-        number = Decimal(value)
-        if not number.is_finite():
-            raise ValueError("not finite")
+        try:
+            number = Decimal(value)
+        except ArithmeticError as exc:  # decimal.InvalidOperation
+            raise ValueError("not a number") from exc
+        # Within what PostgreSQL's numeric holds (else the server, not the token check, would refuse it).
+        if not number.is_finite() or not -16000 < number.adjusted() < 131000:
+            raise ValueError("not a storable number")
         return number
     if re.fullmatch(r"-?[0-9]+", value):
-        return int(value)
+        integer = int(value)
+        if not -_INT64 <= integer < _INT64:
+            raise ValueError("not a 64-bit integer")
+        return integer
     as_float = float(value)
     if not math.isfinite(as_float):
         raise ValueError("not finite")
