@@ -71,6 +71,13 @@ def compile_handlers(name: str, definition: ReadModelDef) -> Callable[[str], Han
 
 
 @dataclass(frozen=True, slots=True)
+class TableProgress:
+    position: str
+    lag: int
+    documents: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReadModelStatus:
     read_model: str
     category: str
@@ -79,6 +86,7 @@ class ReadModelStatus:
     lag: int
     documents: int
     error: str
+    rebuild: TableProgress | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,18 +467,26 @@ class ReadModels:
 
     async def status(self, model: str) -> ReadModelStatus:
         entry = self._entry(model)
-        topic = self._topic(model)
-        offsets = await asyncio.to_thread(self._store.offsets, entry.active_table)
-        lag = await self._lag(model, entry.active_table)
-        documents = await asyncio.to_thread(self._store.count, entry.active_table)
+        active = await self._progress_of(model, entry.active_table)
+        rebuild = await self._progress_of(model, entry.building_table) if entry.building_table else None
         return ReadModelStatus(
             read_model=model,
             category=self._definitions.read_models[model].category,
             state="REBUILDING" if entry.building_table else entry.state,
-            position=Position(topic, {p: o for (_t, p), o in offsets.items()}).encode(),
-            lag=lag,
-            documents=documents,
+            position=active.position,
+            lag=active.lag,
+            documents=active.documents,
             error=entry.error,
+            rebuild=rebuild,
+        )
+
+    async def _progress_of(self, model: str, table: str) -> TableProgress:
+        topic = self._topic(model)
+        offsets = await asyncio.to_thread(self._store.offsets, table)
+        return TableProgress(
+            position=Position(topic, {p: o for (_t, p), o in offsets.items()}).encode(),
+            lag=await self._lag(model, table),
+            documents=await asyncio.to_thread(self._store.count, table),
         )
 
     async def list(self) -> list[ReadModelStatus]:

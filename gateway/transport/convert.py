@@ -194,7 +194,7 @@ def filters_from_pb(filters: Sequence[read_models_pb2.Filter]) -> list[FieldFilt
 
 
 def status_to_pb(status: ReadModelStatus) -> read_models_pb2.ReadModelStatus:
-    return read_models_pb2.ReadModelStatus(
+    message = read_models_pb2.ReadModelStatus(
         read_model=status.read_model,
         state=_STATES.get(status.state, read_models_pb2.READ_MODEL_STATE_UNSPECIFIED),
         position=status.position,
@@ -203,6 +203,11 @@ def status_to_pb(status: ReadModelStatus) -> read_models_pb2.ReadModelStatus:
         category=status.category,
         error=status.error,
     )
+    if status.rebuild is not None:
+        message.rebuild.position = status.rebuild.position
+        message.rebuild.lag = status.rebuild.lag
+        message.rebuild.documents = status.rebuild.documents
+    return message
 
 
 def query_body_to_pb(body: Any, *, read_model: str) -> read_models_pb2.QueryRequest:

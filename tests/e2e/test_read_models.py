@@ -405,6 +405,7 @@ async def test_rebuild_while_appends_continue(deployment: Deployment) -> None:
         live: list[tuple[str, str]] = []
         query_failures: list[BaseException] = []
         states: set[int] = set()
+        rebuilt_documents: list[int] = []
 
         async def keep_appending() -> None:
             n = 0
@@ -421,9 +422,10 @@ async def test_rebuild_while_appends_continue(deployment: Deployment) -> None:
                 try:
                     page = await client.read_models.Query(rm.QueryRequest(read_model="summary", limit=50))
                     assert page.documents
-                    states.add(
-                        (await client.read_models.GetStatus(rm.GetStatusRequest(read_model="summary"))).state
-                    )
+                    status = await client.read_models.GetStatus(rm.GetStatusRequest(read_model="summary"))
+                    states.add(status.state)
+                    if status.state == rm.READ_MODEL_STATE_REBUILDING:
+                        rebuilt_documents.append(status.rebuild.documents)
                 except (grpc.aio.AioRpcError, AssertionError) as exc:
                     query_failures.append(exc)
                 await asyncio.sleep(0.02)
@@ -442,6 +444,7 @@ async def test_rebuild_while_appends_continue(deployment: Deployment) -> None:
         await asyncio.gather(*workers)
         assert not query_failures, query_failures[:3]
         assert rm.READ_MODEL_STATE_REBUILDING in states
+        assert rebuilt_documents and rebuilt_documents == sorted(rebuilt_documents)  # progress only grows
 
         await _check_fold(client, prefix, positions)
         last = {stream: position for stream, position in live}

@@ -11,6 +11,7 @@ import pytest
 from gateway.definitions import DefinitionsError, HandlerDef, parse_definitions
 from gateway.domain.events import StoredEvent
 from gateway.domain.projections import EventView, HandlerFailed, fold
+from gateway.services.read_models import compile_handlers
 
 AT = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -125,3 +126,33 @@ def test_bad_handlers_stop_start_up_naming_the_key(handler: dict[str, Any], mess
             {"categories": {"c": None}, "read_models": {"m": {"category": "c", "handlers": {"T": handler}}}}
         )
     assert message.split(": ", 1)[-1] in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("reference", "problem"),
+    [
+        ("no_such_module_xyz:f", "cannot load"),
+        ("json:no_such_function", "cannot load"),
+        ("json:__doc__", "not callable"),
+    ],
+)
+def test_a_python_handler_that_cannot_be_loaded_stops_start_up(reference: str, problem: str) -> None:
+    definitions = parse_definitions(
+        {"categories": {"c": None}, "read_models": {"m": {"category": "c", "python": reference}}}
+    )
+    with pytest.raises(DefinitionsError, match=r"read_models\.m\.python: ") as raised:
+        compile_handlers("m", definitions.read_models["m"])
+    assert problem in str(raised.value)
+
+
+def test_a_python_handler_gets_every_event_type() -> None:
+    definitions = parse_definitions(
+        {
+            "categories": {"c": None},
+            "read_models": {"m": {"category": "c", "python": "tests.e2e.projections:tally"}},
+        }
+    )
+    handler_for = compile_handlers("m", definitions.read_models["m"])
+    handler = handler_for("Anything")
+    assert handler is not None and handler is handler_for("Else")
+    assert fold(handler, None, _event("Anything", {})) == {"events": 1, "types": {"Anything": 1}}

@@ -395,6 +395,7 @@ class ReadModelStatus(_message.Message):
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REBUILD_FIELD_NUMBER: _builtins.int
     read_model: _builtins.str
     """Name of the read model."""
     state: Global___ReadModelState.ValueType
@@ -409,6 +410,13 @@ class ReadModelStatus(_message.Message):
     """Category the model projects."""
     error: _builtins.str
     """Why the projection stopped, when state is READ_MODEL_STATE_FAILED."""
+    @_builtins.property
+    def rebuild(self) -> Global___RebuildProgress:
+        """While state is READ_MODEL_STATE_REBUILDING: how far the new model has
+        got. The fields above keep describing the model that serves until the
+        swap.
+        """
+
     def __init__(
         self,
         *,
@@ -419,11 +427,42 @@ class ReadModelStatus(_message.Message):
         documents: _builtins.int = ...,
         category: _builtins.str = ...,
         error: _builtins.str = ...,
+        rebuild: Global___RebuildProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rebuild", b"rebuild"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "documents", b"documents", "error", b"error", "lag", b"lag", "position", b"position", "read_model", b"read_model", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "documents", b"documents", "error", b"error", "lag", b"lag", "position", b"position", "read_model", b"read_model", "rebuild", b"rebuild", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadModelStatus: _TypeAlias = ReadModelStatus  # noqa: Y015
+
+@_typing.final
+class RebuildProgress(_message.Message):
+    """Progress of a rebuild: the new model, built from the start of the category."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    position: _builtins.str
+    """Opaque position the new model has applied up to."""
+    lag: _builtins.int
+    """Number of events of the category the new model has not applied yet."""
+    documents: _builtins.int
+    """Number of documents in the new model so far."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.str = ...,
+        lag: _builtins.int = ...,
+        documents: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "lag", b"lag", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebuildProgress: _TypeAlias = RebuildProgress  # noqa: Y015
