@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
-from gateway.adapters.redis import IdempotencyStore, LeaseStore, RedisClient
+from gateway.adapters.redis import CorrelationStore, IdempotencyStore, LeaseStore, RedisClient
 from gateway.adapters.sql import Database, ReadModelStore, StreamIndex
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
@@ -24,6 +24,7 @@ from gateway.services.events import EventStore
 from gateway.services.health import BackendMonitor
 from gateway.services.idempotency import Idempotency, IdempotencySettings
 from gateway.services.read_models import ReadModels
+from gateway.services.request_reply import RequestReply
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
 from gateway.transport.grpc import create_grpc_server
@@ -31,6 +32,7 @@ from gateway.transport.grpc.servicers import bindings
 from gateway.transport.rest import create_rest_app, create_rest_server
 from gateway.transport.rest.events import event_store_router
 from gateway.transport.rest.read_models import read_models_router
+from gateway.transport.rest.request_reply import request_reply_router
 
 log = logging.getLogger("gateway")
 
@@ -46,6 +48,10 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     index_topics = [definitions.category_topic(c) for c in definitions.categories]
     if definitions.allow_undeclared_categories:
         index_topics.append(r"^.*\.events$")
+    idempotency = Idempotency(
+        IdempotencyStore(redis),
+        IdempotencySettings(settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms),
+    )
     indexer = StreamIndexer(settings.kafka, StreamIndex(database), topics=index_topics)
     events = EventStore(
         settings=settings.events,
@@ -53,12 +59,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         definitions=definitions,
         admin=admin,
         leases=LeaseStore(redis),
-        idempotency=Idempotency(
-            IdempotencyStore(redis),
-            IdempotencySettings(
-                settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms
-            ),
-        ),
+        idempotency=idempotency,
         indexer=indexer,
     )
     read_models = ReadModels(
@@ -69,17 +70,27 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         admin=admin,
         producer=producer,
     )
+    requests = RequestReply(
+        settings=settings.request_reply,
+        kafka=settings.kafka,
+        definitions=definitions,
+        admin=admin,
+        store=CorrelationStore(redis),
+        idempotency=idempotency,
+    )
     write_timeout_s = settings.events.subscriber_write_timeout_ms / 1000
 
     async def create_topics() -> None:
         topics = definitions.topics_to_create(settings.kafka.default_partitions)
-        specs = [TopicSpec(name, parts) for name, parts in topics.items()] + read_models.topics()
+        specs = [TopicSpec(name, parts) for name, parts in topics.items()]
+        specs += read_models.topics() + requests.topics()
         created = await admin.ensure_topics(specs)
         if created:
             log.info("created topics: %s", ", ".join(sorted(created)))
         if index_topics:
             await indexer.start()
         await read_models.start()
+        await requests.start()
 
     monitor = BackendMonitor(
         probes={"kafka": lambda: admin.ping(settings.health.check_timeout_s), "redis": redis.ping},
@@ -89,7 +100,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     )
     grpc_server, grpc_port = await create_grpc_server(
         settings.grpc,
-        bindings=bindings(events, read_models, write_timeout_s=write_timeout_s),
+        bindings=bindings(events, read_models, requests, write_timeout_s=write_timeout_s),
         monitor=monitor,
     )
     rest_app = create_rest_app(
@@ -97,6 +108,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         routers=[
             event_store_router(events, write_timeout_s=write_timeout_s),
             read_models_router(read_models),
+            request_reply_router(requests),
         ],
     )
     rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app)
@@ -127,6 +139,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), rest_task, return_exceptions=True)
     await events.close()
     await read_models.stop()
+    await requests.stop()
     await indexer.stop()
     await producer.close(settings.shutdown_grace_s)
     await redis.close()

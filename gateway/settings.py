@@ -35,6 +35,7 @@ class KafkaSettings(_Frozen):
 class RedisSettings(_Frozen):
     url: str = "redis://127.0.0.1:6379/0"
     socket_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=100, ge=1)
 
 
 class DatabaseSettings(_Frozen):
@@ -94,6 +95,21 @@ class ReadModelsSettings(_Frozen):
     registry_poll_ms: int = Field(default=1_000, ge=50)
 
 
+class RequestReplySettings(_Frozen):
+    """request-reply: the shared reply topic, timeouts and how long replies are kept."""
+
+    # One reply topic for every instance, consumed by one group they share: whichever instance consumes a
+    # reply stores it in Redis and publishes a notification, so the caller's instance is woken (README).
+    reply_topic: str = "kpg.replies"
+    reply_topic_partitions: int = Field(default=6, ge=1)
+    reply_group: str = "kpg-replies"
+    default_timeout_ms: int = Field(default=10_000, ge=1)
+    max_timeout_ms: int = Field(default=60_000, ge=1)
+    # How long a reply (and a timed-out request's record) stays in Redis for GetReply.
+    reply_ttl_ms: int = Field(default=300_000, ge=1_000)
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KPG_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -107,6 +123,7 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     events: EventsSettings = EventsSettings()
     read_models: ReadModelsSettings = ReadModelsSettings()
+    request_reply: RequestReplySettings = RequestReplySettings()
     definitions: Path | None = None
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

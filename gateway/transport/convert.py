@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from kpg.v1 import event_store_pb2, read_models_pb2
+from kpg.v1 import event_store_pb2, read_models_pb2, request_reply_pb2
 
 from gateway.domain.events import (
     DEFAULT_CONTENT_TYPE,
@@ -27,6 +27,7 @@ from gateway.domain.events import (
     is_json,
     new_event_id,
 )
+from gateway.domain.request_reply import Reply, ReplyStatus, Request
 from gateway.errors import InvalidArgument
 from gateway.services.read_models import Document, FieldFilter, ReadModelStatus
 
@@ -230,3 +231,52 @@ def _filter_body(body: Any) -> Any:
     if isinstance(body, dict) and isinstance(body.get("op"), str) and not body["op"].startswith("FILTER_OP_"):
         return {**body, "op": f"FILTER_OP_{body['op']}"}
     return body
+
+
+# --- RequestReply -----------------------------------------------------------------------------------------
+
+_REPLY_STATUS = {
+    ReplyStatus.PENDING: request_reply_pb2.REPLY_STATUS_PENDING,
+    ReplyStatus.REPLIED: request_reply_pb2.REPLY_STATUS_REPLIED,
+    ReplyStatus.TIMED_OUT: request_reply_pb2.REPLY_STATUS_TIMED_OUT,
+}
+
+
+def request_from_pb(message: request_reply_pb2.RequestMessage) -> Request:
+    return Request(
+        topic=message.topic,
+        key=message.key,
+        payload=message.payload,
+        headers=dict(message.headers),
+        timeout_ms=message.timeout_ms,
+        correlation_id=message.correlation_id,
+        idempotency_key=message.idempotency_key,
+    )
+
+
+def reply_to_pb(reply: Reply) -> request_reply_pb2.ReplyMessage:
+    return request_reply_pb2.ReplyMessage(
+        correlation_id=reply.correlation_id,
+        status=_REPLY_STATUS[reply.status],
+        payload=reply.payload,
+        headers=dict(reply.headers),
+        reply_topic=reply.reply_topic,
+        partition=reply.partition,
+        offset=reply.offset,
+    )
+
+
+def request_body_to_pb(body: Any, *, topic: str) -> request_reply_pb2.RequestMessage:
+    """The REST body of Request: proto3 JSON, except that a `payload` that is not a string is a JSON value
+    (sent as its UTF-8 JSON text); a string payload is base64, as proto3 JSON has it."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    body = dict(body)
+    if "payload" in body and not isinstance(body["payload"], str):
+        body["payload"] = base64.b64encode(json.dumps(body["payload"]).encode()).decode()
+    message = request_reply_pb2.RequestMessage()
+    parse_json(body, message)
+    message.topic = topic
+    return message

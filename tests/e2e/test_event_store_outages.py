@@ -15,6 +15,7 @@ import httpx
 import pytest
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
+from kpg.v1 import request_reply_pb2 as rr
 
 from gateway.devstack import DevStack
 from gateway.devstack.processes import Managed
@@ -226,3 +227,26 @@ async def test_backend_down_is_backend_unavailable_and_nothing_is_written(
                         raise
                     await asyncio.sleep(0.5)  # the writer reconnects to the restarted server
     assert after.first_version == 2
+
+
+async def test_request_reply_with_redis_down_is_backend_unavailable(
+    gateway: GatewayProcess, stack: DevStack
+) -> None:
+    """The correlation state lives in Redis: without it a request is refused, not sent unanswerable."""
+    assert Managed("redis", stack.state_dir).stop()
+    try:
+        async with GatewayClient(gateway.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.requests.Request(
+                    rr.RequestMessage(topic="inventory.requests", payload=b"{}", timeout_ms=2000), timeout=30
+                )
+        details = error_details(raised.value)
+        assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+        async with httpx.AsyncClient(base_url=gateway.rest_url, timeout=30) as http:
+            response = await http.post(
+                "/v1/requests/inventory.requests", json={"payload": {}, "timeoutMs": 2000}
+            )
+        assert (response.status_code, response.json()["error"]["reason"]) == (503, "BACKEND_UNAVAILABLE")
+    finally:
+        stack.up()
+    await wait_for_health(gateway.target, SERVING, timeout_s=90)

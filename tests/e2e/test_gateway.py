@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kpg import GatewayClient, error_details
-from kpg.v1 import dead_letters_pb2, request_reply_pb2, sagas_pb2
+from kpg.v1 import dead_letters_pb2, sagas_pb2
 
 from gateway.adapters.kafka import KafkaAdmin
 from tests.conftest import Backends
@@ -78,12 +78,6 @@ async def test_unknown_rpc_is_unimplemented(gateway: GatewayProcess) -> None:
     ("service", "rpc", "request_message", "pattern"),
     [
         ("sagas", "StartSaga", sagas_pb2.StartSagaRequest(saga_type="place_order"), "start-saga"),
-        (
-            "requests",
-            "Request",
-            request_reply_pb2.RequestMessage(topic="inventory.requests"),
-            "request-reply",
-        ),
         (
             "dead_letters",
             "ListDeadLetterTopics",

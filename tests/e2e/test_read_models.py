@@ -358,7 +358,9 @@ async def test_a_poison_event_goes_to_the_dlt_and_the_model_goes_on(
         )
     async with httpx.AsyncClient(base_url=gateway.rest_url, timeout=30) as http:
         metrics = (await http.get("/metrics")).text
-    assert 'kpg_projection_handler_failures_total{outcome="dead_lettered",read_model="summary"} 1.0' in metrics
+    assert (
+        'kpg_projection_handler_failures_total{outcome="dead_lettered",read_model="summary"} 1.0' in metrics
+    )
     assert 'kpg_projection_handler_failures_total{outcome="retried",read_model="summary"} 2.0' in metrics
     assert 'kpg_projection_lag_records{read_model="summary"}' in metrics
     dead = _read_dlt(backends, f"{deployment.topic}.DLT", count=1)

@@ -1,6 +1,24 @@
 """The only package that imports redis. Lua scripts live in `scripts/` beside it as `.lua` files."""
 
 from gateway.adapters.redis.client import RedisClient, redis_answers
-from gateway.adapters.redis.stores import Begin, BeginOutcome, IdempotencyStore, LeaseStore
+from gateway.adapters.redis.stores import (
+    Begin,
+    BeginOutcome,
+    CorrelationStore,
+    IdempotencyStore,
+    LeaseStore,
+    ReplyLookup,
+    ReplyState,
+)
 
-__all__ = ["Begin", "BeginOutcome", "IdempotencyStore", "LeaseStore", "RedisClient", "redis_answers"]
+__all__ = [
+    "Begin",
+    "BeginOutcome",
+    "CorrelationStore",
+    "IdempotencyStore",
+    "LeaseStore",
+    "RedisClient",
+    "ReplyLookup",
+    "ReplyState",
+    "redis_answers",
+]

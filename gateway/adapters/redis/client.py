@@ -33,12 +33,17 @@ def redis_answers(url: str, timeout_s: float) -> bool:
 
 class RedisClient:
     def __init__(self, settings: RedisSettings, *, scripts_dir: Path = SCRIPTS_DIR) -> None:
-        self.redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        # A blocking pool: a burst of calls beyond max_connections waits for a free connection (up to the
+        # socket timeout) instead of failing with "Too many connections".
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.url,
+            max_connections=settings.max_connections,
+            timeout=settings.socket_timeout_s,
             socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s,
             health_check_interval=10,
         )
+        self.redis: redis.asyncio.Redis = redis.asyncio.Redis(connection_pool=pool)
         # Scripts are registered by file name and run with EVALSHA (falling back to EVAL once after a
         # server restart flushed the script cache).
         self.scripts: dict[str, AsyncScript] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -74,3 +75,64 @@ class LeaseStore:
 
     async def release(self, name: str, token: str) -> None:
         await self._client.run_script("lease_release", [f"kpg:lease:{name}"], [token])
+
+
+class ReplyState(Enum):
+    REPLIED = "replied"
+    PENDING = "pending"
+    TIMED_OUT = "timed_out"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyLookup:
+    state: ReplyState
+    reply: bytes = b""
+
+
+class CorrelationStore:
+    """Request-reply correlation shared by every instance: `kpg:rr:pending:<id>` (deadline, reply topic)
+    and `kpg:rr:reply:<id>` (the reply), both expiring; a stored reply is announced on `CHANNEL`."""
+
+    CHANNEL = "kpg:rr:replied"
+
+    def __init__(self, client: RedisClient) -> None:
+        self._client = client
+
+    @staticmethod
+    def _keys(correlation_id: str) -> list[str]:
+        return [f"kpg:rr:pending:{correlation_id}", f"kpg:rr:reply:{correlation_id}"]
+
+    async def expect(
+        self, correlation_id: str, *, timeout_ms: int, reply_ttl_ms: int, reply_topic: str
+    ) -> int:
+        """Record the request; its deadline (epoch ms, the server's clock), or 0 if the id is in use."""
+        keys = self._keys(correlation_id)[:1]
+        return int(
+            await self._client.run_script("reply_expect", keys, [timeout_ms, reply_ttl_ms, reply_topic])
+        )
+
+    async def store(self, correlation_id: str, reply: bytes, *, reply_ttl_ms: int) -> str:
+        """'stored', 'late', 'unknown' or 'duplicate' (see reply_store.lua)."""
+        outcome = await self._client.run_script(
+            "reply_store", self._keys(correlation_id), [reply, reply_ttl_ms, self.CHANNEL, correlation_id]
+        )
+        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
+    async def lookup(self, correlation_id: str) -> ReplyLookup:
+        answer = await self._client.run_script("reply_state", self._keys(correlation_id), [])
+        state = ReplyState(answer[0].decode())
+        return ReplyLookup(state, answer[1] if state is ReplyState.REPLIED else b"")
+
+    async def notifications(self) -> AsyncIterator[str]:
+        """Correlation ids of replies stored by any instance, as they are announced (until cancelled)."""
+        pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self._client.call(pubsub.subscribe, self.CHANNEL)
+            while True:
+                message = await self._client.call(pubsub.get_message, timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    data = message["data"]
+                    yield data.decode() if isinstance(data, bytes) else str(data)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

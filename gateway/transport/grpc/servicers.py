@@ -29,6 +29,7 @@ from kpg.v1 import (
 from gateway.errors import NotImplementedYet, SubscriberTooSlow
 from gateway.services.events import EventStore
 from gateway.services.read_models import ReadModels
+from gateway.services.request_reply import RequestReply
 from gateway.transport import convert
 
 
@@ -194,13 +195,38 @@ class ReadModelsServicer(read_models_pb2_grpc.ReadModelsServicer):
         return read_models_pb2.ListReadModelsResponse(read_models=[convert.status_to_pb(s) for s in statuses])
 
 
+class RequestReplyServicer(request_reply_pb2_grpc.RequestReplyServicer):
+    """kpg.v1.RequestReply over gRPC."""
+
+    def __init__(self, requests: RequestReply) -> None:
+        self._requests = requests
+
+    async def Request(
+        self, request: request_reply_pb2.RequestMessage, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> request_reply_pb2.ReplyMessage:
+        return convert.reply_to_pb(await self._requests.request(convert.request_from_pb(request)))
+
+    async def SubmitRequest(
+        self, request: request_reply_pb2.RequestMessage, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> request_reply_pb2.SubmitRequestResponse:
+        correlation_id = await self._requests.submit(convert.request_from_pb(request))
+        return request_reply_pb2.SubmitRequestResponse(correlation_id=correlation_id)
+
+    async def GetReply(
+        self, request: request_reply_pb2.GetReplyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> request_reply_pb2.ReplyMessage:
+        reply = await self._requests.get_reply(request.correlation_id, request.wait_timeout_ms)
+        return convert.reply_to_pb(reply)
+
+
 def bindings(
-    event_store: EventStore, read_models: ReadModels, *, write_timeout_s: float
+    event_store: EventStore, read_models: ReadModels, requests: RequestReply, *, write_timeout_s: float
 ) -> list[ServiceBinding]:
     """The services of this gateway: implemented ones replace their placeholder."""
     implemented: dict[str, object] = {
         "kpg.v1.EventStore": EventStoreServicer(event_store, write_timeout_s=write_timeout_s),
         "kpg.v1.ReadModels": ReadModelsServicer(read_models),
+        "kpg.v1.RequestReply": RequestReplyServicer(requests),
     }
     return [
         ServiceBinding(b.descriptor, implemented.get(b.full_name, b.servicer), b.register)

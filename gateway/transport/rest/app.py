@@ -23,8 +23,6 @@ PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
     ("POST", "/v1/sagas", "Sagas.StartSaga", "start-saga"),
     ("GET", "/v1/sagas", "Sagas.ListSagas", "start-saga"),
     ("GET", "/v1/sagas/{saga_id}", "Sagas.GetSaga", "start-saga"),
-    ("POST", "/v1/requests/{topic}", "RequestReply.Request", "request-reply"),
-    ("GET", "/v1/replies/{correlation_id}", "RequestReply.GetReply", "request-reply"),
     ("GET", "/v1/dead-letters", "DeadLetters.ListDeadLetterTopics", "DLT reprocessing"),
     ("GET", "/v1/dead-letters/{dlt_topic}", "DeadLetters.ListDeadLetters", "DLT reprocessing"),
     (

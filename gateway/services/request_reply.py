@@ -1,0 +1,278 @@
+"""request-reply over Kafka: sync and async, with the correlation state in Redis.
+
+Reply topic design (see the README): one shared reply topic consumed by one consumer group that every
+instance joins. Whichever instance consumes a reply stores it in Redis (if its request is still waiting)
+and publishes the correlation id; the instance holding the caller is woken by that notification (and
+re-checks Redis every second, should a notification be lost). A rebalance only moves which instance
+stores replies: offsets are committed after the store, so a reply is never lost, and since the store is
+shared nothing can be stolen. Per-instance reply topics would save the Redis hop but leave orphaned topics
+behind every instance that goes away, and still need Redis for async GetReply from another instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from prometheus_client import Counter
+
+from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.redis import CorrelationStore, ReplyState
+from gateway.definitions import Definitions
+from gateway.domain.request_reply import (
+    RESERVED_PREFIXES,
+    Reply,
+    ReplyStatus,
+    Request,
+    correlation_of,
+    reply_headers,
+    request_headers,
+)
+from gateway.errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    ReplyTimeout,
+    TopicNotAllowed,
+)
+from gateway.services.idempotency import Idempotency
+from gateway.settings import KafkaSettings, RequestReplySettings
+
+log = logging.getLogger(__name__)
+
+REPLIES = Counter(
+    "kpg_request_reply_replies_total",
+    "Records consumed from the reply topic, by outcome (stored, late, unknown, duplicate, uncorrelated)",
+    ["outcome"],
+)
+RECHECK_S = 1.0
+_LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
+
+
+class RequestReply:
+    def __init__(
+        self,
+        *,
+        settings: RequestReplySettings,
+        kafka: KafkaSettings,
+        definitions: Definitions,
+        admin: KafkaAdmin,
+        store: CorrelationStore,
+        idempotency: Idempotency,
+    ) -> None:
+        self._settings = settings
+        self._definitions = definitions
+        self._admin = admin
+        self._store = store
+        self._idempotency = idempotency
+        # This path only: no linger, no Nagle, short fetch waits (latency over batching).
+        self._producer = AsyncProducer(kafka, **{"linger.ms": 0, "socket.nagle.disable": True})
+        self._consumer = ConsumerRunner(
+            kafka,
+            group_id=settings.reply_group,
+            topics=[settings.reply_topic],
+            handler=self._on_replies,
+            linger_s=0.0,
+            poll_timeout_s=0.1,
+            **_LOW_LATENCY_CONSUMER,
+        )
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._topics: dict[str, bool] = {}
+
+    def topics(self) -> list[TopicSpec]:
+        return [TopicSpec(self._settings.reply_topic, self._settings.reply_topic_partitions)]
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._listener = asyncio.create_task(self._listen(), name="request-reply-notifications")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self._consumer.stop()
+        await self._producer.close()
+
+    # --- the API ---------------------------------------------------------------------------------------
+
+    async def request(self, request: Request) -> Reply:
+        """Send the request and wait for its reply (REPLY_TIMEOUT past its timeout)."""
+        request = replace(request, correlation_id=request.correlation_id or uuid.uuid4().hex)
+        await self._validate(request)
+        reply, duplicate = await self._idempotency.run(
+            "request",
+            request.idempotency_key,
+            fingerprint=request.fingerprint(),
+            action=lambda: self._request(request),
+            encode=Reply.encode,
+            decode=Reply.decode,
+        )
+        return replace(reply, duplicate=duplicate)
+
+    async def submit(self, request: Request) -> str:
+        """Send the request and return its correlation id at once; GetReply fetches the answer later."""
+        request = replace(request, correlation_id=request.correlation_id or uuid.uuid4().hex)
+        await self._validate(request)
+        correlation_id, _ = await self._idempotency.run(
+            "submit-request",
+            request.idempotency_key,
+            fingerprint=request.fingerprint(),
+            action=lambda: self._send(request),
+            encode=str.encode,
+            decode=bytes.decode,
+        )
+        return correlation_id
+
+    async def get_reply(self, correlation_id: str, wait_timeout_ms: int = 0) -> Reply:
+        """The reply if there is one (waiting up to `wait_timeout_ms` for it), else PENDING or TIMED_OUT."""
+        if not correlation_id:
+            raise InvalidArgument.field("correlation_id", "is required")
+        if wait_timeout_ms > self._settings.max_timeout_ms:
+            raise InvalidArgument.field("wait_timeout_ms", f"must be at most {self._settings.max_timeout_ms}")
+        deadline = time.monotonic() + wait_timeout_ms / 1000
+        return await self._await_reply(correlation_id, deadline, timeout_is_error=False)
+
+    # --- sending and waiting -----------------------------------------------------------------------------
+
+    async def _validate(self, request: Request) -> None:
+        if not request.topic:
+            raise InvalidArgument.field("topic", "is required")
+        if not self._definitions.request_reply.allows(request.topic):
+            raise TopicNotAllowed(
+                f"topic {request.topic!r} is not in request_reply.topics", metadata={"topic": request.topic}
+            )
+        if len(request.payload) + len(request.key) > self._settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"the request is over {self._settings.max_payload_bytes} bytes",
+                metadata={"limit": str(self._settings.max_payload_bytes)},
+            )
+        if request.timeout_ms > self._settings.max_timeout_ms:
+            raise InvalidArgument.field("timeout_ms", f"must be at most {self._settings.max_timeout_ms}")
+        if len(request.correlation_id) > 200 or not request.correlation_id.isprintable():
+            raise InvalidArgument.field("correlation_id", "must be 1-200 printable characters")
+        for name in request.headers:
+            if name.startswith(RESERVED_PREFIXES):
+                raise InvalidArgument.field(f"headers[{name}]", "kpg-* and kafka_* headers are the gateway's")
+        if not await self._topic_exists(request.topic):
+            raise NotFound(f"topic {request.topic!r} does not exist", metadata={"topic": request.topic})
+
+    async def _topic_exists(self, topic: str) -> bool:
+        if topic not in self._topics:
+            exists = await self._admin.partitions(topic) is not None
+            if not exists:
+                return False  # not cached: it may be created later
+            self._topics[topic] = True
+        return True
+
+    def _timeout_ms(self, request: Request) -> int:
+        return request.timeout_ms or self._settings.default_timeout_ms
+
+    async def _send(self, request: Request) -> str:
+        timeout_ms = self._timeout_ms(request)
+        deadline_ms = await self._store.expect(
+            request.correlation_id,
+            timeout_ms=timeout_ms,
+            reply_ttl_ms=self._settings.reply_ttl_ms,
+            reply_topic=self._settings.reply_topic,
+        )
+        if deadline_ms == 0:
+            raise InvalidArgument.field("correlation_id", "is already in use by another request")
+        await self._producer.produce(
+            request.topic,
+            request.payload,
+            key=request.key or None,
+            headers=request_headers(request, reply_topic=self._settings.reply_topic, deadline_ms=deadline_ms),
+        )
+        return request.correlation_id
+
+    async def _request(self, request: Request) -> Reply:
+        event = self._waiters.setdefault(request.correlation_id, asyncio.Event())
+        try:
+            await self._send(request)
+            deadline = time.monotonic() + self._timeout_ms(request) / 1000
+            return await self._await_reply(
+                request.correlation_id, deadline, timeout_is_error=True, event=event
+            )
+        finally:
+            self._waiters.pop(request.correlation_id, None)
+
+    async def _await_reply(
+        self,
+        correlation_id: str,
+        deadline: float,
+        *,
+        timeout_is_error: bool,
+        event: asyncio.Event | None = None,
+    ) -> Reply:
+        own = event is None
+        if event is None:
+            event = self._waiters.setdefault(correlation_id, asyncio.Event())
+        try:
+            while True:
+                event.clear()
+                found = await self._store.lookup(correlation_id)
+                if found.state is ReplyState.REPLIED:
+                    return Reply.decode(found.reply)
+                if found.state is ReplyState.UNKNOWN:
+                    raise NotFound(
+                        f"no request {correlation_id!r} (unknown, or its reply expired)",
+                        metadata={"correlation_id": correlation_id},
+                    )
+                remaining = deadline - time.monotonic()
+                if found.state is ReplyState.TIMED_OUT or remaining <= 0:
+                    status = (
+                        ReplyStatus.TIMED_OUT if found.state is ReplyState.TIMED_OUT else ReplyStatus.PENDING
+                    )
+                    if timeout_is_error:
+                        raise ReplyTimeout(
+                            f"no reply to {correlation_id!r} in time",
+                            metadata={"correlation_id": correlation_id},
+                        )
+                    return Reply(correlation_id, status)
+                try:
+                    await asyncio.wait_for(event.wait(), min(remaining, RECHECK_S))
+                except TimeoutError:
+                    pass
+        finally:
+            if own:
+                self._waiters.pop(correlation_id, None)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async for correlation_id in self._store.notifications():
+                    waiter = self._waiters.get(correlation_id)
+                    if waiter is not None:
+                        waiter.set()
+            except BackendUnavailable as exc:
+                log.warning("request-reply notifications: %s; resubscribing", exc)
+                await asyncio.sleep(1.0)
+
+    async def _on_replies(self, records: Sequence[Record]) -> None:
+        for record in records:
+            correlation_id = correlation_of(record.headers)
+            if correlation_id is None:
+                REPLIES.labels("uncorrelated").inc()
+                continue
+            reply = Reply(
+                correlation_id=correlation_id,
+                status=ReplyStatus.REPLIED,
+                payload=record.value or b"",
+                headers=reply_headers(record.headers),
+                reply_topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            outcome = await self._store.store(
+                correlation_id, reply.encode(), reply_ttl_ms=self._settings.reply_ttl_ms
+            )
+            REPLIES.labels(outcome).inc()
+            if outcome == "late":
+                log.info("late reply to %s dropped", correlation_id)
