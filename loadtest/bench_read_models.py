@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 
 from google.protobuf import struct_pb2
 from kpg import GatewayClient
@@ -27,7 +28,7 @@ from kpg.v1 import read_models_pb2 as rm
 CUSTOMERS = [f"c-{i}" for i in range(50)]
 
 
-def _percentile(values: list[float], q: float) -> float:
+def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 

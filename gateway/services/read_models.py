@@ -41,6 +41,7 @@ __all__ = ["Document", "FieldFilter", "ReadModelStatus", "ReadModels", "compile_
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+_FETCH_OVERRIDES: dict[str, Any] = {"fetch.wait.max.ms": 50}
 
 APPLIED = Counter("kpg_projection_events_applied_total", "Events folded into a read model", ["read_model"])
 FAILURES = Counter(
@@ -129,7 +130,7 @@ class Projection:
             on_positions=self._advance,
             batch_size=settings.batch_size,
             retry_backoff_s=0.5,
-            **{"fetch.wait.max.ms": 50},
+            **_FETCH_OVERRIDES,
         )
 
     async def start(self) -> None:

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import Counter
@@ -55,6 +55,14 @@ RECHECK_S = 1.0
 _LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
 
 
+@dataclass
+class _Waiter:
+    """A caller on this instance waiting for a reply; `reply` is filled in by the notification."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    reply: bytes | None = None
+
+
 class RequestReply:
     def __init__(
         self,
@@ -79,10 +87,11 @@ class RequestReply:
             topics=[settings.reply_topic],
             handler=self._on_replies,
             linger_s=0.0,
+            synchronous_commit=False,  # a redelivered reply is only a 'duplicate'
             poll_timeout_s=0.1,
             **_LOW_LATENCY_CONSUMER,
         )
-        self._waiters: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._listener: asyncio.Task[None] | None = None
         self._topics: dict[str, bool] = {}
 
@@ -193,12 +202,13 @@ class RequestReply:
         return request.correlation_id
 
     async def _request(self, request: Request) -> Reply:
-        event = self._waiters.setdefault(request.correlation_id, asyncio.Event())
+        waiter = self._waiters.setdefault(request.correlation_id, _Waiter())
         try:
             await self._send(request)
             deadline = time.monotonic() + self._timeout_ms(request) / 1000
+            # Registered before sending, so the notification cannot be missed: no first look in Redis.
             return await self._await_reply(
-                request.correlation_id, deadline, timeout_is_error=True, event=event
+                request.correlation_id, deadline, timeout_is_error=True, waiter=waiter, look_first=False
             )
         finally:
             self._waiters.pop(request.correlation_id, None)
@@ -209,37 +219,43 @@ class RequestReply:
         deadline: float,
         *,
         timeout_is_error: bool,
-        event: asyncio.Event | None = None,
+        waiter: _Waiter | None = None,
+        look_first: bool = True,
     ) -> Reply:
-        own = event is None
-        if event is None:
-            event = self._waiters.setdefault(correlation_id, asyncio.Event())
+        own = waiter is None
+        if waiter is None:
+            waiter = self._waiters.setdefault(correlation_id, _Waiter())
         try:
             while True:
-                event.clear()
-                found = await self._store.lookup(correlation_id)
-                if found.state is ReplyState.REPLIED:
-                    return Reply.decode(found.reply)
-                if found.state is ReplyState.UNKNOWN:
-                    raise NotFound(
-                        f"no request {correlation_id!r} (unknown, or its reply expired)",
-                        metadata={"correlation_id": correlation_id},
-                    )
+                if waiter.reply is not None:
+                    return Reply.decode(waiter.reply)  # the notification carried it
                 remaining = deadline - time.monotonic()
-                if found.state is ReplyState.TIMED_OUT or remaining <= 0:
-                    status = (
-                        ReplyStatus.TIMED_OUT if found.state is ReplyState.TIMED_OUT else ReplyStatus.PENDING
-                    )
-                    if timeout_is_error:
-                        raise ReplyTimeout(
-                            f"no reply to {correlation_id!r} in time",
+                if look_first or remaining <= 0:
+                    found = await self._store.lookup(correlation_id)
+                    if found.state is ReplyState.REPLIED:
+                        return Reply.decode(found.reply)
+                    if found.state is ReplyState.UNKNOWN:
+                        raise NotFound(
+                            f"no request {correlation_id!r} (unknown, or its reply expired)",
                             metadata={"correlation_id": correlation_id},
                         )
-                    return Reply(correlation_id, status)
-                try:
-                    await asyncio.wait_for(event.wait(), min(remaining, RECHECK_S))
-                except TimeoutError:
-                    pass
+                    if found.state is ReplyState.TIMED_OUT or remaining <= 0:
+                        if timeout_is_error:
+                            raise ReplyTimeout(
+                                f"no reply to {correlation_id!r} in time",
+                                metadata={"correlation_id": correlation_id},
+                            )
+                        timed_out = found.state is ReplyState.TIMED_OUT
+                        return Reply(
+                            correlation_id, ReplyStatus.TIMED_OUT if timed_out else ReplyStatus.PENDING
+                        )
+                look_first = True  # from now on, each wake-up (or recheck) looks in Redis
+                waiter.event.clear()
+                if waiter.reply is None:
+                    try:
+                        await asyncio.wait_for(waiter.event.wait(), max(0.0, min(remaining, RECHECK_S)))
+                    except TimeoutError:
+                        pass
         finally:
             if own:
                 self._waiters.pop(correlation_id, None)
@@ -247,10 +263,11 @@ class RequestReply:
     async def _listen(self) -> None:
         while True:
             try:
-                async for correlation_id in self._store.notifications():
+                async for correlation_id, reply in self._store.notifications():
                     waiter = self._waiters.get(correlation_id)
                     if waiter is not None:
-                        waiter.set()
+                        waiter.reply = reply
+                        waiter.event.set()
             except BackendUnavailable as exc:
                 log.warning("request-reply notifications: %s; resubscribing", exc)
                 await asyncio.sleep(1.0)

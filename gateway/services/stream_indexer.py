@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from gateway.adapters.kafka import ConsumerRunner, Record
 from gateway.adapters.sql import StreamIndex
@@ -22,6 +23,7 @@ from gateway.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+_FETCH_OVERRIDES: dict[str, Any] = {"fetch.wait.max.ms": 50, "topic.metadata.refresh.interval.ms": 5000}
 
 
 class StreamIndexer:
@@ -37,7 +39,7 @@ class StreamIndexer:
             on_positions=self._advance,
             batch_size=1000,
             retry_backoff_s=0.2,
-            **{"fetch.wait.max.ms": 50, "topic.metadata.refresh.interval.ms": 5000},
+            **_FETCH_OVERRIDES,
         )
 
     async def start(self) -> None:

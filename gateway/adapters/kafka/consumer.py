@@ -42,6 +42,7 @@ class ConsumerRunner:
         batch_size: int = 500,
         poll_timeout_s: float = 0.2,
         linger_s: float = 0.05,
+        synchronous_commit: bool = True,
         retry_backoff_s: float = 0.5,
         start_offsets: StartOffsets | None = None,
         on_positions: PositionsHandler | None = None,
@@ -54,6 +55,8 @@ class ConsumerRunner:
         self._poll_timeout_s = poll_timeout_s
         # After the first record of a batch, wait this long for more (see consume_ready).
         self._linger_s = linger_s
+        # False: commit in the background (a lost commit means a redelivery, for handlers that shrug it off).
+        self._synchronous_commit = synchronous_commit
         self._retry_backoff_s = retry_backoff_s
         # With start_offsets the handler stores its offsets with its data, so Kafka commits are not used.
         self._start_offsets = start_offsets
@@ -137,9 +140,11 @@ class ConsumerRunner:
         if self._start_offsets is not None:
             return
         offsets = {(r.topic, r.partition): r.offset + 1 for r in records}
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-        )
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if self._synchronous_commit:
+            self._consumer.commit(offsets=partitions, asynchronous=False)
+        else:
+            self._consumer.commit(offsets=partitions, asynchronous=True)
 
     def _rewind(self, records: Sequence[Record]) -> None:
         assert self._consumer is not None

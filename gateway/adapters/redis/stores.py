@@ -115,7 +115,9 @@ class CorrelationStore:
     async def store(self, correlation_id: str, reply: bytes, *, reply_ttl_ms: int) -> str:
         """'stored', 'late', 'unknown' or 'duplicate' (see reply_store.lua)."""
         outcome = await self._client.run_script(
-            "reply_store", self._keys(correlation_id), [reply, reply_ttl_ms, self.CHANNEL, correlation_id]
+            "reply_store",
+            self._keys(correlation_id),
+            [reply, reply_ttl_ms, self.CHANNEL, correlation_id.encode() + b"\n" + reply],
         )
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
@@ -124,15 +126,15 @@ class CorrelationStore:
         state = ReplyState(answer[0].decode())
         return ReplyLookup(state, answer[1] if state is ReplyState.REPLIED else b"")
 
-    async def notifications(self) -> AsyncIterator[str]:
-        """Correlation ids of replies stored by any instance, as they are announced (until cancelled)."""
+    async def notifications(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(correlation id, reply) of replies stored by any instance, as they are announced."""
         pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await self._client.call(pubsub.subscribe, self.CHANNEL)
             while True:
                 message = await self._client.call(pubsub.get_message, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    data = message["data"]
-                    yield data.decode() if isinstance(data, bytes) else str(data)
+                    correlation_id, _, reply = bytes(message["data"]).partition(b"\n")
+                    yield correlation_id.decode(), reply
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -303,9 +303,15 @@ class _JsonField:
     def present(self) -> ColumnElement[bool]:
         raise NotImplementedError
 
-    def index_hint(self, value: Scalar) -> ColumnElement[bool] | None:
-        """A redundant condition that lets an index find EQ candidates (None when there is none)."""
-        return None
+    def equals(self, value: Scalar) -> ColumnElement[bool]:
+        """True or false (never NULL) when the field is present; NULL or false when it is missing."""
+        if value is None:
+            return self.is_kind("null")
+        if isinstance(value, bool):
+            return self.is_kind("true" if value else "false")
+        if isinstance(value, int | float):
+            return self.number() == value
+        return self.string() == literal(value, String)
 
 
 class _SqliteField(_JsonField):
@@ -356,11 +362,13 @@ class _PostgresField(_JsonField):
     def present(self) -> ColumnElement[bool]:
         return self._value.is_not(None)
 
-    def index_hint(self, value: Scalar) -> ColumnElement[bool] | None:
+    def equals(self, value: Scalar) -> ColumnElement[bool]:
+        # Containment, so the GIN index answers. Below the top level it is exact for a scalar: 2 is not
+        # contained in [2] nor in {"x": 2}, 2.0 is 2, and "2" is not 2.
         document: Any = value
         for part in reversed(self._parts):
             document = {part: document}
-        return self._data.op("@>")(literal(document, postgresql.JSONB()))
+        return self._data.op("@>", is_comparison=True)(literal(document, postgresql.JSONB()))
 
 
 def _json_field_factory(connection: Connection, table: Table) -> Callable[[tuple[str, ...]], _JsonField]:
@@ -376,24 +384,12 @@ def _json_field_factory(connection: Connection, table: Table) -> Callable[[tuple
 # --- filters ---------------------------------------------------------------------------------------------
 
 
-def _equals(field: _JsonField, value: Scalar) -> ColumnElement[bool]:
-    if value is None:
-        return field.is_kind("null")
-    if isinstance(value, bool):
-        return field.is_kind("true" if value else "false")
-    if isinstance(value, int | float):
-        return field.number() == value
-    return field.string() == literal(value, String)
-
-
 def _condition(field: _JsonField, f: _Filter) -> ColumnElement[bool]:
     if f.op == "EQ":
-        equals = _equals(field, f.value)
-        hint = field.index_hint(f.value)
-        return equals if hint is None else and_(hint, equals)
+        return field.equals(f.value)
     if f.op == "NE":
         # The typed views are NULL for other types; coalesce so NOT turns "not equal" into a match.
-        return and_(field.present(), not_(func.coalesce(_equals(field, f.value), false())))
+        return and_(field.present(), not_(func.coalesce(field.equals(f.value), false())))
     if f.op == "IN":
         return _any_of(field, f.value)
     if f.op == "PREFIX":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from confluent_kafka import Consumer, Message, Producer
+
+log = logging.getLogger(__name__)
 
 CORRELATION_HEADERS = ("kpg-correlation-id", "kafka_correlationId")
 REPLY_TOPIC_HEADERS = ("kpg-reply-topic", "kafka_replyTopic")
@@ -66,6 +69,13 @@ def _incoming(message: Message) -> IncomingRequest | None:
     )
 
 
+def _consume_ready(consumer: Consumer) -> list[Message]:
+    """What is there now, else the first message within 100 ms (a batch `consume(n, timeout)` would wait
+    for n messages or the whole timeout, adding it to every request's latency)."""
+    messages = consumer.consume(100, 0)
+    return messages or consumer.consume(1, 0.1)
+
+
 async def serve_requests(
     topic: str,
     handler: Handler,
@@ -108,7 +118,13 @@ async def serve_requests(
 
     async def answer(request: IncomingRequest) -> None:
         try:
-            result = await handler(request)
+            try:
+                result = await handler(request)
+            except Exception:
+                # No reply: the caller gets REPLY_TIMEOUT. Answer with an error payload in the handler instead
+                # when the caller should hear about it sooner.
+                log.exception("handler failed for request %r on %s", request.correlation_id, request.topic)
+                return
             response = result if isinstance(result, Response) else Response(result)
             headers: list[tuple[str, str | bytes | None]] = list(response.headers.items())
             headers += [(name, request.correlation_id) for name in CORRELATION_HEADERS]
@@ -120,7 +136,7 @@ async def serve_requests(
     consumer.subscribe([topic], on_assign=on_assign)
     try:
         while True:
-            messages = await loop.run_in_executor(None, consumer.consume, 100, 0.1)
+            messages = await loop.run_in_executor(None, _consume_ready, consumer)
             for message in messages:
                 if message.error() is not None:
                     continue

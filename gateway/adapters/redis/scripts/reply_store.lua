@@ -1,5 +1,6 @@
 -- Keep a reply for its request and wake the waiting instance. KEYS[1] pending hash, KEYS[2] reply;
--- ARGV[1] reply blob, ARGV[2] reply TTL (ms), ARGV[3] notification channel, ARGV[4] correlation id.
+-- ARGV[1] reply blob, ARGV[2] reply TTL (ms), ARGV[3] notification channel, ARGV[4] the notification
+-- (correlation id, newline, reply blob: the waiting instance needs no second round trip).
 -- Returns 'stored', 'late' (past the request's deadline: dropped), 'unknown' (no such request, or expired)
 -- or 'duplicate' (a reply is already kept).
 local deadline = redis.call('HGET', KEYS[1], 'deadline')
