@@ -18,6 +18,7 @@ import grpc
 import httpx
 import pytest
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 from kpg import GatewayClient, error_details
 from kpg.responder import IncomingRequest, Response, serve_requests
 from kpg.v1 import request_reply_pb2 as rr
@@ -124,6 +125,7 @@ async def _metrics(gateway: GatewayProcess) -> str:
 async def test_1000_concurrent_requests_through_two_gateways_each_get_their_own_reply(setup: Setup) -> None:
     first, second = await setup.gateway(), await setup.gateway()
     await setup.responder("echo", _echo)
+    await eventually(lambda: asyncio.to_thread(_both_consume_replies, setup), timeout_s=60, interval_s=0.5)
     async with GatewayClient(first.target) as a, GatewayClient(second.target) as b:
 
         async def call(n: int) -> tuple[int, rr.ReplyMessage]:
@@ -147,6 +149,15 @@ async def test_1000_concurrent_requests_through_two_gateways_each_get_their_own_
     stored = [_stored(await _metrics(g), "stored") for g in (first, second)]
     # Both instances consumed replies, and each caller still got its own: replies crossed instances via Redis.
     assert sum(stored) == 1000 and all(s > 0 for s in stored), stored
+
+
+def _both_consume_replies(setup: Setup) -> bool:
+    """The shared reply group has two members, each with reply partitions (the rebalance is over)."""
+    admin = AdminClient({"bootstrap.servers": setup.backends.bootstrap_servers})
+    group = f"{setup.prefix}-replies"
+    description = admin.describe_consumer_groups([group])[group].result(10)
+    members = [m for m in description.members if m.assignment.topic_partitions]
+    return len(members) == 2
 
 
 async def test_a_late_reply_is_dropped_counted_and_leaves_nothing_in_redis(setup: Setup) -> None:
