@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import MetaData, Table, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,6 +38,7 @@ from gateway.adapters.sql.documents import (
 from gateway.errors import BackendUnavailable
 
 TopicPartition = tuple[str, int]
+T = TypeVar("T")
 
 
 class ReadModelRow(SQLModel, table=True):
@@ -109,11 +110,20 @@ class ReadModelStore:
         )
 
     @staticmethod
-    def _guard(action: Any) -> Any:
+    def _guard(action: Callable[[], T]) -> T:
         try:
             return action()
         except SQLAlchemyError as exc:
             raise BackendUnavailable(f"read-model database: {exc.__class__.__name__}: {exc}") from exc
+
+    def _read(self, action: Callable[[Connection], T]) -> T:
+        """`action` on a connection of its own, database errors as BackendUnavailable."""
+
+        def run() -> T:
+            with self._engine.connect() as connection:
+                return action(connection)
+
+        return self._guard(run)
 
     def table(self, name: str) -> Table:
         with self._tables_lock:  # called from several worker threads at once
@@ -147,8 +157,7 @@ class ReadModelStore:
                 pass  # another instance registered it first
             return self.entry(model)
 
-        result: RegistryEntry = self._guard(run)
-        return result
+        return self._guard(run)
 
     def _entry_of(self, row: Any) -> RegistryEntry:
         return RegistryEntry(
@@ -163,8 +172,7 @@ class ReadModelStore:
                 raise LookupError(model)
             return self._entry_of(row)
 
-        result: RegistryEntry = self._guard(run)
-        return result
+        return self._guard(run)
 
     def start_rebuild(self, model: str) -> RegistryEntry:
         """Register a fresh table to build; a rebuild already under way is returned as it is."""
@@ -216,8 +224,7 @@ class ReadModelStore:
                 )
                 return str(row.active_table) if changed.rowcount == 1 else None
 
-        result: str | None = self._guard(run)
-        return result
+        return self._guard(run)
 
     def set_state(self, model: str, state: str, error: str = "") -> None:
         def run() -> None:
@@ -253,37 +260,26 @@ class ReadModelStore:
     ) -> dict[TopicPartition, int]:
         """Next offset to apply per partition (only partitions with any progress)."""
 
-        def run() -> dict[TopicPartition, int]:
-            query = select(
-                col(ReadModelOffsetRow.topic),
-                col(ReadModelOffsetRow.partition),
-                col(ReadModelOffsetRow.next_offset),
-            ).where(col(ReadModelOffsetRow.table_name) == table_name)
-            with self._engine.connect() as connection:
-                rows = connection.execute(query).all()
-            found = {(topic, partition): offset for topic, partition, offset in rows}
-            if partitions is None:
-                return found
-            return {tp: found[tp] for tp in partitions if tp in found}
-
-        result: dict[TopicPartition, int] = self._guard(run)
-        return result
+        query = select(
+            col(ReadModelOffsetRow.topic),
+            col(ReadModelOffsetRow.partition),
+            col(ReadModelOffsetRow.next_offset),
+        ).where(col(ReadModelOffsetRow.table_name) == table_name)
+        rows = self._read(lambda connection: connection.execute(query).all())
+        found = {(topic, partition): offset for topic, partition, offset in rows}
+        if partitions is None:
+            return found
+        return {tp: found[tp] for tp in partitions if tp in found}
 
     def load(self, table_name: str, keys: Iterable[str]) -> dict[str, DocumentRow]:
         table = self.table(table_name)
-        wanted = list(set(keys))
+        wanted = set(keys)
 
-        def run() -> dict[str, DocumentRow]:
-            found: dict[str, DocumentRow] = {}
-            with self._engine.connect() as connection:
-                for key in wanted:
-                    row = get_document(connection, table, key)
-                    if row is not None:
-                        found[key] = row
-            return found
+        def rows(connection: Connection) -> dict[str, DocumentRow]:
+            found = (get_document(connection, table, key) for key in wanted)
+            return {row.key: row for row in found if row is not None}
 
-        result: dict[str, DocumentRow] = self._guard(run)
-        return result
+        return self._read(rows)
 
     def commit(
         self,
@@ -371,13 +367,7 @@ class ReadModelStore:
 
     def get(self, table_name: str, key: str) -> DocumentRow | None:
         table = self.table(table_name)
-
-        def run() -> DocumentRow | None:
-            with self._engine.connect() as connection:
-                return get_document(connection, table, key)
-
-        result: DocumentRow | None = self._guard(run)
-        return result
+        return self._read(lambda connection: get_document(connection, table, key))
 
     def query(
         self,
@@ -390,31 +380,21 @@ class ReadModelStore:
         page_token: str,
     ) -> Page:
         table = self.table(table_name)
-
-        def run() -> Page:
-            with self._engine.connect() as connection:
-                return query_documents(
-                    connection,
-                    table,
-                    filters=filters,
-                    order_by=order_by,
-                    descending=descending,
-                    limit=limit,
-                    page_token=page_token,
-                )
-
-        result: Page = self._guard(run)
-        return result
+        return self._read(
+            lambda connection: query_documents(
+                connection,
+                table,
+                filters=filters,
+                order_by=order_by,
+                descending=descending,
+                limit=limit,
+                page_token=page_token,
+            )
+        )
 
     def count(self, table_name: str) -> int:
         table = self.table(table_name)
-
-        def run() -> int:
-            with self._engine.connect() as connection:
-                return count_documents(connection, table)
-
-        result: int = self._guard(run)
-        return result
+        return self._read(lambda connection: count_documents(connection, table))
 
 
 def _is_conflict(error: SQLAlchemyError) -> bool:
