@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -21,9 +20,21 @@ from gateway.devstack.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
-own_server = pytest.mark.skipif(
-    bool(os.environ.get("KPG_TEST_POSTGRES_URL")), reason="checks the server the devstack starts"
-)
+
+@pytest.fixture
+def own_node() -> Iterator[PostgresNode]:
+    """A server the devstack starts for this test alone (even when KPG_TEST_POSTGRES_URL names another):
+    these tests check the devstack's own server, not whatever server the session uses."""
+    # Not under pytest's tmp folder: as root the server runs as `postgres`, which cannot enter it.
+    state_dir = Path(tempfile.mkdtemp(prefix="kpg-postgres-"))
+    node = PostgresNode(state_dir, free_port())
+    try:
+        node.start(find_postgres_bin())
+        wait_until(node.answers, what="PostgreSQL", timeout_s=60, process=node.process)
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -63,9 +74,8 @@ def test_jsonb_round_trips_through_sqlalchemy(database: Database, unique: str) -
         metadata.drop_all(database.engine)
 
 
-@own_server
-async def test_the_password_in_the_url_is_checked(postgres_url: str) -> None:
-    wrong = make_url(postgres_url).set(password="not-the-password").render_as_string(hide_password=False)
+async def test_the_password_in_the_url_is_checked(own_node: PostgresNode) -> None:
+    wrong = make_url(own_node.url).set(password="not-the-password").render_as_string(hide_password=False)
     db = Database(wrong)
     try:
         assert await db.ping() is False
@@ -73,24 +83,14 @@ async def test_the_password_in_the_url_is_checked(postgres_url: str) -> None:
         db.close()
 
 
-@own_server
-def test_stop_does_not_wait_for_connected_clients() -> None:
+def test_stop_does_not_wait_for_connected_clients(own_node: PostgresNode) -> None:
     # SIGTERM alone would be a "smart" shutdown that waits for this open connection to close.
-    state_dir = Path(tempfile.mkdtemp(prefix="kpg-postgres-"))
-    node = PostgresNode(state_dir, free_port())
-    try:
-        node.start(find_postgres_bin())
-        wait_until(node.answers, what="PostgreSQL", timeout_s=60, process=node.process)
-        pid = node.process.pid()
-        assert pid is not None
-        with psycopg.connect(node.url) as client:
-            started = time.monotonic()
-            assert node.stop(timeout_s=10) is True
-            assert time.monotonic() - started < 5  # well before the SIGKILL fallback
-            assert node.process.pid() is None
-            assert not node.answers()
-            with pytest.raises(psycopg.OperationalError):
-                client.execute("SELECT 1")
-    finally:
-        node.stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
+    assert own_node.process.pid() is not None
+    with psycopg.connect(own_node.url) as client:
+        started = time.monotonic()
+        assert own_node.stop(timeout_s=10) is True
+        assert time.monotonic() - started < 5  # well before the SIGKILL fallback
+        assert own_node.process.pid() is None
+        assert not own_node.answers()
+        with pytest.raises(psycopg.OperationalError):
+            client.execute("SELECT 1")
