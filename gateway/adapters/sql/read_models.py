@@ -226,17 +226,6 @@ class ReadModelStore:
 
         return self._guard(run)
 
-    def set_state(self, model: str, state: str, error: str = "") -> None:
-        def run() -> None:
-            with self._engine.begin() as connection:
-                connection.execute(
-                    update(ReadModelRow)
-                    .where(col(ReadModelRow.name) == model)
-                    .values(state=state, error=error[:2000], updated_at=datetime.now(UTC))
-                )
-
-        self._guard(run)
-
     def drop(self, table_name: str) -> None:
         self._guard(lambda: self._drop(table_name))
 
