@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
+from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, PartitionScanner, TopicSpec
 from gateway.adapters.redis import CorrelationStore, IdempotencyStore, LeaseStore, RedisClient
 from gateway.adapters.sql import Database, ReadModelStore, StreamIndex
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
+from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.events import EventStore
 from gateway.services.health import BackendMonitor
 from gateway.services.idempotency import Idempotency, IdempotencySettings
@@ -27,6 +30,7 @@ from gateway.services.read_models import ReadModels
 from gateway.services.request_reply import RequestReply
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
+from gateway.tasks import bounded
 from gateway.transport.grpc import create_grpc_server
 from gateway.transport.grpc.servicers import bindings
 from gateway.transport.rest import create_rest_app, create_rest_server
@@ -52,7 +56,9 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         IdempotencyStore(redis),
         IdempotencySettings(settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms),
     )
-    indexer = StreamIndexer(settings.kafka, StreamIndex(database), topics=index_topics)
+    indexer = StreamIndexer(
+        settings.kafka, StreamIndex(database), topics=index_topics, dead_letters=DeadLetterWriter(producer)
+    )
     events = EventStore(
         settings=settings.events,
         kafka=settings.kafka,
@@ -61,6 +67,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         leases=LeaseStore(redis),
         idempotency=idempotency,
         indexer=indexer,
+        scanner=PartitionScanner(settings.kafka),
     )
     read_models = ReadModels(
         settings=settings.read_models,
@@ -83,7 +90,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     async def create_topics() -> None:
         topics = definitions.topics_to_create(settings.kafka.default_partitions)
         specs = [TopicSpec(name, parts) for name, parts in topics.items()]
-        specs += read_models.topics() + requests.topics()
+        specs += events.topics() + read_models.topics()  # request-reply creates its reply topic in start()
         created = await admin.ensure_topics(specs)
         if created:
             log.info("created topics: %s", ", ".join(sorted(created)))
@@ -93,7 +100,11 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         await requests.start()
 
     monitor = BackendMonitor(
-        probes={"kafka": lambda: admin.ping(settings.health.check_timeout_s), "redis": redis.ping},
+        probes={
+            "kafka": lambda: admin.ping(settings.health.check_timeout_s),
+            "redis": redis.ping,
+            "database": database.ping,
+        },
         interval_s=settings.health.check_interval_s,
         timeout_s=settings.health.check_timeout_s,
         on_first_ready=create_topics,
@@ -132,19 +143,46 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
 
-    # Graceful stop: refuse new calls, let in-flight ones finish, then flush what was produced.
-    log.info("stopping: finishing in-flight calls (up to %.0fs)", settings.shutdown_grace_s)
-    await monitor.stop()
+    # Graceful stop: refuse new calls, let in-flight ones finish, then flush what was produced. Every step
+    # is bounded, and a watchdog ends the process should anything still hang (a blocked driver thread).
+    grace_s = settings.shutdown_grace_s
+    _start_watchdog(grace_s + SHUTDOWN_SLACK_S)
+    log.info("stopping: finishing in-flight calls (up to %.0fs)", grace_s)
+    deadline = loop.time() + grace_s
+
+    def left() -> float:
+        return max(0.5, deadline - loop.time())
+
+    await bounded(monitor.stop(), 2.0, what="stopping the health monitor")
     rest_server.should_exit = True
-    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), rest_task, return_exceptions=True)
-    await events.close()
-    await read_models.stop()
-    await requests.stop()
-    await indexer.stop()
-    await producer.close(settings.shutdown_grace_s)
-    await redis.close()
+    await bounded(
+        asyncio.gather(grpc_server.stop(grace_s), rest_task, return_exceptions=True),
+        grace_s + 1.0,
+        what="stopping the servers",
+    )
+    await bounded(events.close(left()), left() + 3.0, what="stopping the event store")
+    await bounded(read_models.stop(), left(), what="stopping the read models")
+    await bounded(requests.stop(), left(), what="stopping request-reply")
+    await bounded(indexer.stop(left()), left() + 3.0, what="stopping the stream indexer")
+    await bounded(producer.close(left()), left() + 1.0, what="flushing the producer")
+    await bounded(redis.close(), 2.0, what="closing Redis")
     database.close()
     log.info("stopped")
+
+
+# After SIGTERM the process ends within the grace period plus this, whatever still hangs.
+SHUTDOWN_SLACK_S = 15.0
+
+
+def _start_watchdog(timeout_s: float) -> None:
+    def expire() -> None:
+        log.error("shutdown did not finish within %.0fs; exiting now", timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:

@@ -31,8 +31,8 @@ class Reason(enum.Enum):
     BACKEND_UNAVAILABLE = ("UNAVAILABLE", 503)
     # Not in the contract's table: answered only by RPCs whose pattern has not landed yet.
     UNIMPLEMENTED = ("UNIMPLEMENTED", 501)
-    # Not in the table either: a subscriber that stopped taking events is disconnected (it resumes later).
     SUBSCRIBER_TOO_SLOW = ("RESOURCE_EXHAUSTED", 429)
+    RATE_LIMITED = ("RESOURCE_EXHAUSTED", 429)
 
     def __new__(cls, grpc_code: str, http_status: int) -> Reason:
         member = object.__new__(cls)
@@ -143,3 +143,13 @@ class NotImplementedYet(GatewayError):
 class SubscriberTooSlow(GatewayError):
     reason = Reason.SUBSCRIBER_TOO_SLOW
     retryable = True
+
+
+class RateLimited(GatewayError):
+    """Over a bound the gateway keeps to stay responsive (queued appends, subscribers): retry later."""
+
+    reason = Reason.RATE_LIMITED
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_ms: int, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, metadata={**(metadata or {}), "retry_after_ms": str(retry_after_ms)})

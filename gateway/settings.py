@@ -26,6 +26,9 @@ class KafkaSettings(_Frozen):
     linger_ms: int = Field(default=5, ge=0)
     delivery_timeout_ms: int = Field(default=30_000, ge=1_000)
     request_timeout_ms: int = Field(default=10_000, ge=500)
+    # The largest record a producer sends, and the `max.message.bytes` of the event topics the gateway
+    # creates: room for a whole append (events' data plus headers) above librdkafka's 1 MB default.
+    max_record_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
     # Consumers (stream index, projections): how soon a crashed instance's partitions are taken over.
     consumer_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     # Extra librdkafka properties (for example security.protocol, sasl.*) passed to every client.
@@ -74,8 +77,17 @@ class EventsSettings(_Frozen):
     append_timeout_ms: int = Field(default=15_000, ge=100)
     transaction_timeout_ms: int = Field(default=10_000, ge=1000)
     max_batch_events: int = Field(default=5_000, ge=1)
+    # One Kafka transaction carries at most this many bytes of records (a single larger append goes alone).
+    max_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Appends waiting for one partition's writer, in events: beyond it an append fails RATE_LIMITED at once.
+    max_queued_events: int = Field(default=100_000, ge=1)
     read_default_count: int = Field(default=100, ge=1)
     read_max_count: int = Field(default=1_000, ge=1)
+    # ReadStream waits (read-your-writes) until the stream index has what was written; default and bound.
+    read_wait_ms: int = Field(default=5_000, ge=0)
+    read_max_wait_ms: int = Field(default=60_000, ge=0)
+    # Live subscriptions (gRPC and SSE together) one gateway serves; beyond it Subscribe is RATE_LIMITED.
+    max_subscribers: int = Field(default=1_000, ge=1)
     # A subscriber that takes no event for this long is disconnected (it can resume from its position).
     subscriber_write_timeout_ms: int = Field(default=30_000, ge=100)
 
@@ -96,13 +108,15 @@ class ReadModelsSettings(_Frozen):
 
 
 class RequestReplySettings(_Frozen):
-    """request-reply: the shared reply topic, timeouts and how long replies are kept."""
+    """request-reply: the deployment's reply topic, timeouts and how long replies are kept."""
 
-    # One reply topic for every instance, consumed by one group they share: whichever instance consumes a
-    # reply stores it in Redis and publishes a notification, so the caller's instance is woken (README).
-    reply_topic: str = "kpg.replies"
+    # One reply topic per deployment (the gateways sharing one Redis), consumed by one group they share:
+    # whichever instance consumes a reply stores it in Redis and wakes the caller's instance (README).
+    # Empty means derived from the deployment id kept in Redis (`kpg.replies.<id>`, `kpg-replies-<id>`), so
+    # deployments sharing a Kafka cluster never take each other's replies; an explicit value wins.
+    reply_topic: str = Field(default="", pattern=r"^([A-Za-z0-9._-]{1,249})?$")
     reply_topic_partitions: int = Field(default=6, ge=1)
-    reply_group: str = "kpg-replies"
+    reply_group: str = Field(default="", max_length=249)
     default_timeout_ms: int = Field(default=10_000, ge=1)
     max_timeout_ms: int = Field(default=60_000, ge=1)
     # How long a reply (and a timed-out request's record) stays in Redis for GetReply.

@@ -149,8 +149,10 @@ class KafkaNode:
             classpath,
         ]
         cluster_id = (config_dir / "cluster.id").read_text().strip()
+        # `--cluster-id=<id>`, not `-t <id>`: a random id may start with "-", which argparse reads as a flag.
+        storage_format = ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}"]
         formatted = subprocess.run(
-            [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "-g"],
+            [*jvm, *storage_format, "-c", str(config), "-g"],
             capture_output=True,
             text=True,
             check=False,

@@ -6,10 +6,17 @@ How versions stay contiguous with any number of appenders and gateways:
 - The writer appends through a transactional producer whose transactional.id belongs to the partition.
   Initialising it fences any earlier writer (a crashed, paused or partitioned gateway) and aborts the
   transaction it left open, so only one writer can ever commit, whatever happens to Redis.
-- After taking over, the writer waits until the stream index (read_committed) has applied the partition
-  up to its last stable offset: the heads it reads there are the log's truth, not a guess.
+- After taking over, the writer learns what it needs from the log itself, never by waiting for a
+  consumer: the stream index answers for everything below its progress, and the writer reads the rest
+  of the partition (index progress, or where it last knew the log, up to the last stable offset)
+  with a read_committed scan. Taking a partition back costs a fetch, whatever the index's lag.
 - While it holds the partition it keeps the heads itself and group-commits queued appends, one Kafka
   transaction per batch. An append is answered only after its transaction committed.
+- Retries never append twice: event ids are looked up (in what the writer knows of the log, then in the
+  index) before planning; ids the gateway generates are derived from the idempotency key, so a retry
+  under the same key finds its events even when Redis forgot the key.
+- ReadStream reads its own writes: it waits (bounded) until the index has applied the stream's last
+  write this gateway knows of, or else the partition's last stable offset.
 """
 
 from __future__ import annotations
@@ -19,22 +26,28 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
 from gateway.adapters.kafka import (
+    Delivery,
     KafkaAdmin,
     OutcomeUnknown,
     OutRecord,
+    PartitionScanner,
+    Record,
+    RecordsRejected,
     TopicSpec,
     TopicTail,
     TransactionalProducer,
     WriterFenced,
 )
 from gateway.adapters.redis import LeaseStore
+from gateway.adapters.sql import StreamIndex
 from gateway.definitions import Definitions
+from gateway.domain.dead_letters import dlt_topic
 from gateway.domain.events import (
     AppendRequest,
     AppendResult,
@@ -52,18 +65,23 @@ from gateway.errors import (
     GatewayError,
     InvalidArgument,
     NotFound,
+    RateLimited,
     ReadModelBehind,
     WrongExpectedVersion,
 )
 from gateway.services.idempotency import Idempotency
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import EventsSettings, KafkaSettings
+from gateway.tasks import bounded, raise_if_cancelling, stop_task
 
 log = logging.getLogger(__name__)
 
 StreamKey = tuple[str, str]
-RECENT_IDS = 50_000
 MAX_ATTEMPTS = 3
+# Streams and event ids a writer remembers before it forgets what the index already holds.
+MAX_KNOWN = 200_000
+# Event ids the gateway generates under an idempotency key are derived from it (uuid5 in this namespace).
+DERIVED_IDS = uuid.UUID("6f3c2a4e-9a51-4c1e-8d0b-2b7f4b9e6a10")
 
 
 def _encode(result: AppendResult) -> bytes:
@@ -72,6 +90,29 @@ def _encode(result: AppendResult) -> bytes:
 
 def _decode(raw: bytes) -> AppendResult:
     return AppendResult(**json.loads(raw))
+
+
+def event_topic_config(kafka: KafkaSettings) -> dict[str, str]:
+    """Event topics are the store itself: kept forever, and able to hold the largest append."""
+    return {
+        "retention.ms": "-1",
+        "retention.bytes": "-1",
+        "cleanup.policy": "delete",
+        "max.message.bytes": str(kafka.max_record_bytes),
+    }
+
+
+def with_derived_ids(request: AppendRequest) -> AppendRequest:
+    """Under an idempotency key, the ids the gateway generated become uuid5(key, stream, index): the same
+    on every retry, so the writer can find a retry's events in the log even if Redis lost the key."""
+    if not request.idempotency_key or all(e.client_id for e in request.events):
+        return request
+    prefix = f"{request.category}\n{request.stream_id}\n{request.idempotency_key}\n"
+    events = tuple(
+        e if e.client_id else replace(e, event_id=str(uuid.uuid5(DERIVED_IDS, f"{prefix}{i}")))
+        for i, e in enumerate(request.events)
+    )
+    return replace(request, events=events)
 
 
 class EventStore:
@@ -85,6 +126,7 @@ class EventStore:
         leases: LeaseStore,
         idempotency: Idempotency,
         indexer: StreamIndexer,
+        scanner: PartitionScanner,
     ) -> None:
         self._settings = settings
         self._kafka = kafka
@@ -93,24 +135,38 @@ class EventStore:
         self._leases = leases
         self._idempotency = idempotency
         self._indexer = indexer
+        self._scanner = scanner
         self._limits = Limits(
             settings.max_events_per_append, settings.max_event_bytes, settings.max_append_bytes
         )
         self._partitions: dict[str, int] = {}
         self._writers: dict[tuple[str, int], PartitionWriter] = {}
+        self._subscribers = 0
+
+    def topics(self) -> list[TopicSpec]:
+        """The declared categories' event topics (kept forever) and their dead-letter topics."""
+        config = event_topic_config(self._kafka)
+        specs = []
+        for name, category in self._definitions.categories.items():
+            topic = self._definitions.category_topic(name)
+            partitions = category.partitions or self._kafka.default_partitions
+            specs += [TopicSpec(topic, partitions, config), TopicSpec(dlt_topic(topic), partitions)]
+        return specs
 
     # --- AppendEvents ----------------------------------------------------------------------------------
 
     async def append(self, request: AppendRequest) -> AppendResult:
         validate_append(request, self._limits)
+        request = with_derived_ids(request)
         topic = self.topic_of(request.category)
         partition = partition_for(request.stream_id, await self._partition_count(topic, create=True))
         writer = self._writer(topic, partition)
+        stable_ids = bool(request.idempotency_key) or all(e.client_id for e in request.events)
         result, duplicate = await self._idempotency.run(
             "append-events",
-            request.implicit_key(),
+            request.idempotency_key,
             fingerprint=request.fingerprint(),
-            action=lambda: writer.submit(request),
+            action=lambda: writer.submit(request, stable_ids=stable_ids),
             encode=_encode,
             decode=_decode,
         )
@@ -126,14 +182,38 @@ class EventStore:
         return self._definitions.category_topic(category)
 
     async def _partition_count(self, topic: str, *, create: bool = False) -> int:
+        """The partition count streams are routed over. It is pinned (in the index database) the first
+        time a topic is used: partitions added later never move a stream to another partition."""
         count = self._partitions.get(topic)
         if count is None:
-            count = await self._admin.partitions(topic)
-            if count is None and create:  # an undeclared category (allow_undeclared_categories)
-                await self._admin.ensure_topics([TopicSpec(topic, self._kafka.default_partitions)])
-                count = await self._admin.partitions(topic)
-            if count is None:
+            live = await self._admin.partitions(topic)
+            if live is None and create:  # an undeclared category (allow_undeclared_categories)
+                partitions = self._kafka.default_partitions
+                await self._admin.ensure_topics(
+                    [
+                        TopicSpec(topic, partitions, event_topic_config(self._kafka)),
+                        TopicSpec(dlt_topic(topic), partitions),
+                    ]
+                )
+                live = await self._admin.partitions(topic)
+            if live is None:
                 raise NotFound(f"the event topic {topic!r} does not exist", metadata={"topic": topic})
+            index = self._indexer.index
+            count = int(await asyncio.to_thread(index.meta_value, f"partitions:{topic}", str(live)))
+            if count > live:
+                raise BackendUnavailable(
+                    f"topic {topic!r} has {live} partitions, fewer than the {count} its streams are routed "
+                    "over: was it deleted and created again?",
+                    metadata={"topic": topic},
+                )
+            if count < live:
+                log.warning(
+                    "topic %s has %d partitions; streams stay routed over the first %d (adding partitions "
+                    "would move streams and break their order)",
+                    topic,
+                    live,
+                    count,
+                )
             self._partitions[topic] = count
         return count
 
@@ -146,7 +226,8 @@ class EventStore:
                 kafka=self._kafka,
                 settings=self._settings,
                 leases=self._leases,
-                indexer=self._indexer,
+                index=self._indexer.index,
+                scanner=self._scanner,
                 admin=self._admin,
             )
             self._writers[(topic, partition)] = writer
@@ -165,13 +246,24 @@ class EventStore:
         min_position: str = "",
         wait_timeout_ms: int = 0,
     ) -> tuple[list[StoredEvent], int]:
-        """Events of one stream from the stream index, and the stream's head version."""
+        """Events of one stream from the stream index, and the stream's head version.
+
+        Read-your-writes without a position: first the index catches up (bounded by `wait_timeout_ms`)
+        with the stream's last write this gateway knows of, else with the partition's last stable offset;
+        a `min_position` is waited for as given."""
         topic = self.topic_of(category)
         check_name("stream_id", stream_id)
         if max_count > self._settings.read_max_count:
             raise InvalidArgument.field("max_count", f"must be at most {self._settings.read_max_count}")
+        if wait_timeout_ms > self._settings.read_max_wait_ms:
+            raise InvalidArgument.field(
+                "wait_timeout_ms", f"must be at most {self._settings.read_max_wait_ms}"
+            )
+        timeout_ms = wait_timeout_ms or self._settings.read_wait_ms
         if min_position:
-            await self.wait_for_position(topic, min_position, wait_timeout_ms)
+            await self.wait_for_position(topic, min_position, timeout_ms)
+        else:
+            await self._wait_for_stream(topic, category, stream_id, timeout_ms)
         events, head = await asyncio.to_thread(
             self._indexer.index.read,
             category,
@@ -187,6 +279,18 @@ class EventStore:
             )
         return events, head
 
+    async def _wait_for_stream(self, topic: str, category: str, stream_id: str, timeout_ms: int) -> None:
+        partition = partition_for(stream_id, await self._partition_count(topic))
+        writer = self._writers.get((topic, partition))
+        target = writer.written_up_to((category, stream_id)) if writer is not None else None
+        if target is None:
+            target = await self._admin.end_offset(topic, partition)
+        if not await self._indexer.wait_for(topic, partition, target, timeout_ms / 1000):
+            raise ReadModelBehind(
+                f"the stream index has not caught up with {category}/{stream_id} within {timeout_ms} ms",
+                metadata={"topic": topic, "partition": str(partition), "offset": str(target)},
+            )
+
     async def wait_for_position(self, topic: str, position: str, wait_timeout_ms: int) -> None:
         """Read-your-writes: wait until the stream index has applied `position`."""
         decoded = Position.decode(position, field_name="min_position")
@@ -194,7 +298,7 @@ class EventStore:
             raise InvalidArgument.field(
                 "min_position", f"is a position of {decoded.topic!r}, not of {topic!r}"
             )
-        timeout_s = (wait_timeout_ms or 5000) / 1000
+        timeout_s = (wait_timeout_ms or self._settings.read_wait_ms) / 1000
         deadline = time.monotonic() + timeout_s
         for partition, offset in decoded.offsets.items():
             remaining = max(0.0, deadline - time.monotonic())
@@ -241,20 +345,20 @@ class EventStore:
         self, category: str, stream_id: str, topic: str, partition: int, version: int
     ) -> int:
         index = self._indexer.index
+        # Progress first: a version not indexed after that lies at or past it (never before it).
+        progress = (await asyncio.to_thread(index.progress, [(topic, partition)]))[(topic, partition)]
         offset = await asyncio.to_thread(index.offset_of, category, stream_id, version)
-        if offset is not None:
-            return offset
-        # Not indexed (yet): it lies after everything the index has applied on that partition.
-        return (await asyncio.to_thread(index.progress, [(topic, partition)]))[(topic, partition)]
+        return progress if offset is None else offset
 
     async def _follow(
         self, topic: str, category: str, stream_id: str, start: dict[int, int | None], from_version: int
     ) -> AsyncIterator[tuple[StoredEvent, str]]:
+        self._subscribers += 1
         tail = TopicTail(self._kafka, topic, start)
-        await tail.open()
         offsets = {p: (o or 0) for p, o in start.items()}
         last_version = max(from_version - 1, 0)
         try:
+            await tail.open()
             while True:
                 for record in await tail.read():
                     offsets[record.partition] = record.offset + 1
@@ -275,17 +379,29 @@ class EventStore:
                         last_version = event.version
                     yield event, Position(topic, dict(offsets)).encode()
         finally:
+            self._subscribers -= 1
             await tail.close()
 
-    async def close(self) -> None:
-        await asyncio.gather(*(w.close() for w in self._writers.values()), return_exceptions=True)
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Finish queued appends (up to `timeout_s`), then stop every writer; bounded."""
+        await asyncio.gather(*(w.close(timeout_s) for w in self._writers.values()))
+        await bounded(self._scanner.close(), 5.0, what="closing the partition scanner")
 
 
 @dataclass
 class _Pending:
     request: AppendRequest
     future: asyncio.Future[AppendResult]
+    stable_ids: bool  # its event ids identify a retry (client-chosen, or derived from its idempotency key)
     attempts: int = 0
+
+    @property
+    def events(self) -> int:
+        return len(self.request.events)
+
+    @property
+    def size(self) -> int:
+        return sum(len(e.data) for e in self.request.events)
 
 
 @dataclass
@@ -296,25 +412,69 @@ class _Planned:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """An event the writer knows is in the log (written by it, or read by its scan)."""
+
+    category: str
+    stream_id: str
+    version: int
+    offset: int
+
+
+def _identity(record: Record) -> tuple[str, _Known] | None:
+    """(event id, where it is) of a gateway event record; None for any other record."""
+    h = {name: value for name, value in record.headers if name.startswith("ce_")}
+    source = h.get("ce_source", b"")
+    if h.get("ce_specversion") != b"1.0" or not source.startswith(b"/kpg/"):
+        return None
+    try:
+        version = int(h["ce_streamversion"])
+        stream_id = (h.get("ce_subject") or record.key or b"").decode()
+        return h.get("ce_id", b"").decode(), _Known(source[5:].decode(), stream_id, version, record.offset)
+    except (KeyError, ValueError):
+        return None
+
+
+def _resolve(pending: _Pending, result: AppendResult) -> None:
+    if not pending.future.done():  # a caller that gave up has a cancelled future
+        pending.future.set_result(result)
+
+
+def _reject(pending: _Pending, error: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)
+
+
 @dataclass
 class PartitionWriter:
-    """The single writer of one partition while this gateway holds its lease (see the module doc)."""
+    """The single writer of one partition while this gateway holds its lease (see the module doc).
+
+    What it knows of the log survives releasing the partition: `_heads` and `_recent` hold every stream
+    head and event id found at offsets from the index's progress (when first learned) up to `_known_to`.
+    Streams not in `_heads` had no event there, so the index's head is theirs. Taking the partition
+    again only reads from `_known_to` to the last stable offset."""
 
     topic: str
     partition: int
     kafka: KafkaSettings
     settings: EventsSettings
     leases: LeaseStore
-    indexer: StreamIndexer
+    index: StreamIndex
+    scanner: PartitionScanner
     admin: KafkaAdmin
-    _pending: list[_Pending] = field(default_factory=list)
+    _pending: deque[_Pending] = field(default_factory=deque)
+    _queued_events: int = 0
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _producer: TransactionalProducer | None = None
     _token: str = ""
     _renewer: asyncio.Task[None] | None = None
     _heads: dict[StreamKey, int] = field(default_factory=dict)
-    _recent: OrderedDict[str, StoredEvent] = field(default_factory=OrderedDict)
+    _offsets: dict[StreamKey, int] = field(default_factory=dict)  # offset of each known head event
+    _recent: dict[str, _Known] = field(default_factory=dict)
+    _known_to: int | None = None
+    _marker_at_known_to: bool = False  # our own commit marker sits at _known_to
     _held_since: float = 0.0
     _last_write: float = 0.0
     _handoff: bool = False
@@ -325,24 +485,48 @@ class PartitionWriter:
     def lease_name(self) -> str:
         return f"es:{self.topic}:{self.partition}"
 
-    async def submit(self, request: AppendRequest) -> AppendResult:
+    def written_up_to(self, stream: StreamKey) -> int | None:
+        """The offset just past the stream's last event this writer knows of (None: not known here)."""
+        offset = self._offsets.get(stream)
+        return None if offset is None else offset + 1
+
+    async def submit(self, request: AppendRequest, *, stable_ids: bool) -> AppendResult:
         if self._closing:
             raise BackendUnavailable("the gateway is shutting down")
+        if self._queued_events + len(request.events) > self.settings.max_queued_events:
+            raise RateLimited(
+                f"{self._queued_events} events are already waiting for {self.topic}[{self.partition}]",
+                retry_after_ms=200,
+                metadata={"topic": self.topic, "partition": str(self.partition)},
+            )
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request, future))
+        self._pending.append(_Pending(request, future, stable_ids))
+        self._queued_events += len(request.events)
         self._wakeup.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"writer:{self.lease_name}")
         return await future
 
+    def _drop_done(self) -> None:
+        while self._pending and self._pending[0].future.done():
+            self._queued_events -= self._pending.popleft().events
+
+    def _fail_pending(self, error: BaseException) -> None:
+        while self._pending:
+            pending = self._pending.popleft()
+            self._queued_events -= pending.events
+            _reject(pending, error)
+
     async def _run(self) -> None:
         idle_release_s = max(1.0, self.settings.lease_ttl_ms / 1000)
         try:
-            while not self._closing:
+            while not self._closing or self._pending:
                 if self._handoff or self._lease_lost:
                     await self._release()
-                self._pending = [p for p in self._pending if not p.future.done()]
+                self._drop_done()
                 if not self._pending:
+                    if self._closing:
+                        break
                     if self._producer is None or time.monotonic() - self._last_write > idle_release_s:
                         await self._release()
                         if not self._pending:
@@ -357,15 +541,15 @@ class PartitionWriter:
                 try:
                     await self._ensure_writer()
                 except GatewayError as exc:
-                    self._fail(self._pending, exc)
-                    self._pending = []
+                    self._fail_pending(exc)
                     continue
                 await self._write_batch()
         except Exception as exc:
             log.exception("writer %s failed", self.lease_name)
-            self._fail(self._pending, BackendUnavailable(f"the writer of {self.lease_name} failed: {exc}"))
-            self._pending = []
-            await self._release()
+            self._fail_pending(BackendUnavailable(f"the writer of {self.lease_name} failed: {exc}"))
+        finally:
+            if self._closing or not self._pending:
+                await self._release()
 
     # --- taking over the partition ---------------------------------------------------------------------
 
@@ -397,20 +581,48 @@ class PartitionWriter:
             )
             await producer.init(timeout_s)  # fences the previous writer and aborts what it left open
             self._producer = producer
+            # Nobody else can commit now: the last stable offset is where the log ends for us.
             end = await self.admin.end_offset(self.topic, self.partition)
-            if not await self.indexer.wait_for(
-                self.topic, self.partition, end, max(1.0, deadline - time.monotonic())
-            ):
-                raise BackendUnavailable(
-                    f"the stream index did not catch up with {self.topic}[{self.partition}] in time",
-                    metadata={"topic": self.topic, "partition": str(self.partition)},
-                )
+            await self._catch_up(end, max(1.0, deadline - time.monotonic()))
         except BaseException:
             await self._release()
             raise
-        self._heads.clear()
-        self._recent.clear()
         self._last_write = time.monotonic()
+
+    async def _catch_up(self, end: int, timeout_s: float) -> None:
+        """Learn the log up to `end` (see the class doc): from where this writer last knew it, else from
+        the index's progress. The index answers for everything below that, whatever its lag."""
+        if self._known_to is None:
+            start = (await asyncio.to_thread(self.index.progress, [(self.topic, self.partition)]))[
+                (self.topic, self.partition)
+            ]
+            self._forget()
+            self._known_to, self._marker_at_known_to = start, False
+        start = self._known_to
+        if end <= start or (end == start + 1 and self._marker_at_known_to):
+            return  # nothing new (at most our own last commit marker)
+        async for records in self.scanner.scan(self.topic, self.partition, start, end, timeout_s=timeout_s):
+            for record in records:
+                self._learn(record)
+            self._known_to, self._marker_at_known_to = records[-1].offset + 1, False
+        self._known_to = max(self._known_to, end)
+
+    def _learn(self, record: Record) -> None:
+        found = _identity(record)
+        if found is None:
+            return
+        event_id, known = found
+        key = (known.category, known.stream_id)
+        if known.version > self._heads.get(key, 0):
+            self._heads[key] = known.version
+            self._offsets[key] = known.offset
+        self._recent[event_id] = known
+
+    def _forget(self) -> None:
+        self._heads.clear()
+        self._offsets.clear()
+        self._recent.clear()
+        self._known_to, self._marker_at_known_to = None, False
 
     async def _renew(self) -> None:
         quantum_s = 0.1
@@ -420,7 +632,9 @@ class PartitionWriter:
                 held, wanted = await self.leases.renew(
                     self.lease_name, self._token, self.settings.lease_ttl_ms
                 )
-            except BackendUnavailable:
+            except Exception as exc:
+                raise_if_cancelling()  # an interrupted Redis call is a cancellation, not an outage
+                log.warning("writer %s: renewing the lease failed: %s", self.lease_name, exc)
                 continue  # Redis is down: Kafka's fencing still keeps writers apart
             if not held:
                 self._lease_lost = True
@@ -431,170 +645,92 @@ class PartitionWriter:
                 self._wakeup.set()
 
     async def _release(self) -> None:
+        """Give the partition up: every step bounded, so a release (and so a shutdown) always ends."""
         renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+        await stop_task(renewer, 1.0)
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.close()
+            await bounded(producer.close(), 5.0, what=f"closing the producer of {self.lease_name}")
         if self._token:
             token, self._token = self._token, ""
-            try:
-                await self.leases.release(self.lease_name, token)
-            except BackendUnavailable:
-                pass  # it expires by itself
-        self._heads.clear()
-        self._recent.clear()
+            await bounded(self.leases.release(self.lease_name, token), 2.0, what="releasing a lease")
         self._handoff = self._lease_lost = False
 
     # --- appending -------------------------------------------------------------------------------------
 
-    async def _load_heads(self, batch: list[_Pending]) -> None:
-        """Heads of the batch's streams this writer does not know yet, from the index in one query."""
-        missing = {(p.request.category, p.request.stream_id) for p in batch} - self._heads.keys()
-        if missing:
-            self._heads.update(await asyncio.to_thread(self.indexer.index.heads, missing))
-
-    async def _write_batch(self) -> None:
-        batch, events = [], 0
-        while self._pending and events < self.settings.max_batch_events:
-            pending = self._pending.pop(0)
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        events = size = 0
+        while self._pending:
+            pending = self._pending[0]
+            if batch and (
+                events + pending.events > self.settings.max_batch_events
+                or size + pending.size > self.settings.max_batch_bytes
+            ):
+                break
+            self._pending.popleft()
+            self._queued_events -= pending.events
             if not pending.future.done():
                 batch.append(pending)
-                events += len(pending.request.events)
+                events += pending.events
+                size += pending.size
+        return batch
+
+    async def _write_batch(self) -> None:
+        batch = self._take_batch()
         try:
             await self._write(batch)
         except BaseException as exc:
             # Whatever went wrong, no caller of this batch is left waiting (and none is told "written").
             failure = exc if isinstance(exc, GatewayError) else BackendUnavailable(f"append failed: {exc!r}")
-            self._fail(batch, failure)
+            for pending in batch:
+                _reject(pending, failure)
             raise
 
-    async def _write(self, batch: list[_Pending]) -> None:
-        assert self._producer is not None
-        await self._load_heads(batch)
-        planned_heads: dict[StreamKey, int] = {}
-        plans: list[_Planned] = []
-        records: list[OutRecord] = []
-        now = datetime.now(UTC)
+    def _requeue(self, pendings: list[_Pending]) -> None:
+        """Put appends back at the front of the queue, in their order."""
+        for pending in reversed(pendings):
+            self._pending.appendleft(pending)
+            self._queued_events += pending.events
+
+    async def _load_heads(self, batch: list[_Pending]) -> None:
+        """Heads of the batch's streams this writer does not know, from the index in one query."""
+        missing = {(p.request.category, p.request.stream_id) for p in batch} - self._heads.keys()
+        if missing:
+            self._heads.update(await asyncio.to_thread(self.index.heads, missing))
+
+    async def _lookup_ids(self, batch: list[_Pending]) -> dict[str, _Known]:
+        """Where the batch's stable event ids already are in the log: what this writer knows, then the
+        index (one query per category) for the others."""
+        found: dict[str, _Known] = {}
+        wanted: dict[str, list[str]] = {}
         for pending in batch:
-            request = pending.request
-            key = (request.category, request.stream_id)
-            head = planned_heads.get(key) or self._heads[key]
-            try:
-                duplicate = await self._duplicate_of(pending)
-            except GatewayError as exc:
-                pending.future.set_exception(exc)
+            if not (pending.stable_ids or pending.attempts):
                 continue
-            if duplicate is not None:
-                pending.future.set_result(duplicate)
-                continue
-            if not request.expected.holds(head):
-                pending.future.set_exception(
-                    WrongExpectedVersion(
-                        f"stream {request.category}/{request.stream_id} is at version {head}, "
-                        f"expected {request.expected.describe()}",
-                        metadata={"expected": request.expected.describe(), "actual": str(head)},
-                    )
-                )
-                continue
-            plans.append(_Planned(pending, head + 1, len(records), len(request.events)))
-            for i, event in enumerate(request.events):
-                records.append(
-                    OutRecord(
-                        self.topic,
-                        self.partition,
-                        request.stream_id.encode(),
-                        event.data,
-                        event_headers(request, event, head + 1 + i, now),
-                    )
-                )
-            planned_heads[key] = head + len(request.events)
-        if not records:
-            return
-        try:
-            deliveries = await self._producer.send(records, self.settings.append_timeout_ms / 1000)
-        except (WriterFenced, OutcomeUnknown) as exc:
-            # Not written (fenced: aborted) or unknown: re-take the partition and re-read the truth. A retry
-            # finds its own events by id if they did land, so it never appends them twice.
-            log.warning("writer %s: %s", self.lease_name, exc)
-            await self._release()
-            retry = []
-            for plan in plans:
-                plan.pending.attempts += 1
-                if plan.pending.attempts < MAX_ATTEMPTS:
-                    retry.append(plan.pending)
+            for event in pending.request.events:
+                known = self._recent.get(event.event_id)
+                if known is not None:
+                    found[event.event_id] = known
                 else:
-                    plan.pending.future.set_exception(exc)
-            self._pending[:0] = retry
-            return
-        except GatewayError as exc:
-            self._fail([plan.pending for plan in plans], exc)
-            return
-        self._last_write = time.monotonic()
-        self._heads.update(planned_heads)
-        for plan in plans:
-            request = plan.pending.request
-            written = deliveries[plan.start : plan.start + plan.count]
-            for i, (event, delivery) in enumerate(zip(request.events, written, strict=True)):
-                self._remember(
-                    StoredEvent(
-                        event.event_id,
-                        request.category,
-                        request.stream_id,
-                        plan.first_version + i,
-                        event.type,
-                        b"",
-                        event.content_type,
-                        {},
-                        now,
-                        self.topic,
-                        self.partition,
-                        delivery.offset,
-                    )
-                )
-            if not plan.pending.future.done():
-                plan.pending.future.set_result(
-                    AppendResult(
-                        first_version=plan.first_version,
-                        last_version=plan.first_version + plan.count - 1,
-                        topic=self.topic,
-                        partition=self.partition,
-                        first_offset=written[0].offset,
-                        last_offset=written[-1].offset,
-                        position=Position.after(self.topic, self.partition, written[-1].offset).encode(),
-                    )
-                )
+                    wanted.setdefault(pending.request.category, []).append(event.event_id)
+        for category, ids in wanted.items():
+            for e in await asyncio.to_thread(self.index.find_event_ids, category, ids):
+                found[e.event_id] = _Known(e.category, e.stream_id, e.version, e.offset)
+        return found
 
-    def _remember(self, event: StoredEvent) -> None:
-        self._recent[event.event_id] = event
-        if len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
-
-    async def _duplicate_of(self, pending: _Pending) -> AppendResult | None:
-        """The earlier answer when these event ids are already in the stream (even if Redis forgot)."""
-        request = pending.request
-        if pending.attempts == 0 and not all(e.client_id for e in request.events):
-            return None
-        ids = [e.event_id for e in request.events]
-        found = {i: self._recent[i] for i in ids if i in self._recent}
-        if len(found) < len(ids):
-            rows = await asyncio.to_thread(
-                self.indexer.index.find_event_ids, request.category, request.stream_id, ids
-            )
-            found.update({r.event_id: r for r in rows})
+    def _duplicate_of(self, request: AppendRequest, found: dict[str, _Known]) -> AppendResult | None:
+        """The earlier answer when this append's events are already in the stream (even if Redis forgot)."""
         mine = [
-            found[i]
-            for i in ids
-            if i in found
-            and found[i].stream_id == request.stream_id
-            and found[i].category == request.category
+            found[e.event_id]
+            for e in request.events
+            if e.event_id in found
+            and found[e.event_id].stream_id == request.stream_id
+            and found[e.event_id].category == request.category
         ]
         if not mine:
             return None
-        versions = [e.version for e in mine]
-        if len(mine) < len(ids) or versions != list(range(versions[0], versions[0] + len(ids))):
+        versions = [k.version for k in mine]
+        if len(mine) < len(request.events) or versions != list(range(versions[0], versions[0] + len(mine))):
             raise InvalidArgument.field(
                 "events", "some of these event ids are already in the stream, not all"
             )
@@ -609,15 +745,151 @@ class PartitionWriter:
             duplicate=True,
         )
 
-    @staticmethod
-    def _fail(pendings: list[_Pending], error: BaseException) -> None:
-        for pending in pendings:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+    async def _write(self, batch: list[_Pending]) -> None:
+        assert self._producer is not None
+        await self._load_heads(batch)
+        found = await self._lookup_ids(batch)
+        planned_heads: dict[StreamKey, int] = {}
+        planned_ids: set[str] = set()
+        plans: list[_Planned] = []
+        later: list[_Pending] = []
+        records: list[OutRecord] = []
+        now = datetime.now(UTC)
+        for pending in batch:
+            if pending.future.done():
+                continue
+            request = pending.request
+            ids = [e.event_id for e in request.events]
+            if planned_ids.intersection(ids):
+                later.append(pending)  # a retry of an append in this very batch: decided after it
+                continue
+            try:
+                duplicate = self._duplicate_of(request, found)
+            except GatewayError as exc:
+                _reject(pending, exc)
+                continue
+            if duplicate is not None:
+                _resolve(pending, duplicate)
+                continue
+            key = (request.category, request.stream_id)
+            head = planned_heads.get(key, self._heads[key])
+            if not request.expected.holds(head):
+                _reject(
+                    pending,
+                    WrongExpectedVersion(
+                        f"stream {request.category}/{request.stream_id} is at version {head}, "
+                        f"expected {request.expected.describe()}",
+                        metadata={"expected": request.expected.describe(), "actual": str(head)},
+                    ),
+                )
+                continue
+            plans.append(_Planned(pending, head + 1, len(records), len(request.events)))
+            planned_ids.update(ids)
+            for i, event in enumerate(request.events):
+                records.append(
+                    OutRecord(
+                        self.topic,
+                        self.partition,
+                        request.stream_id.encode(),
+                        event.data,
+                        event_headers(request, event, head + 1 + i, now),
+                    )
+                )
+            planned_heads[key] = head + len(request.events)
+        self._requeue(later)
+        if not records:
+            return
+        try:
+            deliveries = await self._producer.send(records, self.settings.append_timeout_ms / 1000)
+        except RecordsRejected as exc:
+            # Aborted, nothing written: the appends Kafka refused fail, the others go again.
+            innocent = []
+            for plan in plans:
+                errors = [
+                    exc.rejected[i] for i in range(plan.start, plan.start + plan.count) if i in exc.rejected
+                ]
+                if errors:
+                    _reject(plan.pending, errors[0])
+                else:
+                    innocent.append(plan.pending)
+            self._requeue(innocent)
+            return
+        except (WriterFenced, OutcomeUnknown) as exc:
+            # Not written (fenced: aborted) or unknown: re-take the partition, which reads the log from
+            # where this writer knew it; a retry finds its own events by id if they did land.
+            log.warning("writer %s: %s", self.lease_name, exc)
+            await self._release()
+            retry = []
+            for plan in plans:
+                plan.pending.attempts += 1
+                if plan.pending.attempts < MAX_ATTEMPTS:
+                    retry.append(plan.pending)
+                else:
+                    _reject(plan.pending, exc)
+            self._requeue(retry)
+            return
+        except GatewayError as exc:
+            for plan in plans:
+                _reject(plan.pending, exc)
+            return
+        self._committed(plans, deliveries)
+        await self._trim()
 
-    async def close(self) -> None:
+    def _committed(self, plans: list[_Planned], deliveries: list[Delivery]) -> None:
+        """Record what the transaction wrote, then answer its callers."""
+        self._last_write = time.monotonic()
+        expected_first = (self._known_to or 0) + (1 if self._marker_at_known_to else 0)
+        if self._known_to is not None and deliveries[0].offset != expected_first:
+            # Something not written by this writer sits in between (a non-transactional producer):
+            # forget, so that the next take-over reads the partition again.
+            log.warning(
+                "writer %s: unexpected records before offset %d", self.lease_name, deliveries[0].offset
+            )
+            self._lease_lost = True
+            self._known_to = None
+        for plan in plans:
+            request = plan.pending.request
+            written = deliveries[plan.start : plan.start + plan.count]
+            key = (request.category, request.stream_id)
+            for i, (event, delivery) in enumerate(zip(request.events, written, strict=True)):
+                self._recent[event.event_id] = _Known(
+                    request.category, request.stream_id, plan.first_version + i, delivery.offset
+                )
+            self._heads[key] = plan.first_version + plan.count - 1
+            self._offsets[key] = written[-1].offset
+            _resolve(
+                plan.pending,
+                AppendResult(
+                    first_version=plan.first_version,
+                    last_version=plan.first_version + plan.count - 1,
+                    topic=self.topic,
+                    partition=self.partition,
+                    first_offset=written[0].offset,
+                    last_offset=written[-1].offset,
+                    position=Position.after(self.topic, self.partition, written[-1].offset).encode(),
+                ),
+            )
+        if self._known_to is not None:
+            self._known_to, self._marker_at_known_to = deliveries[-1].offset + 1, True
+
+    async def _trim(self) -> None:
+        """Bound memory: forget what the index already holds (below its progress), as of now."""
+        if len(self._recent) <= MAX_KNOWN and len(self._heads) <= MAX_KNOWN:
+            return
+        tp = (self.topic, self.partition)
+        progress = (await asyncio.to_thread(self.index.progress, [tp]))[tp]
+        self._recent = {i: k for i, k in self._recent.items() if k.offset >= progress}
+        for key in [k for k, o in self._offsets.items() if o < progress]:
+            del self._offsets[key]
+            self._heads.pop(key, None)
+        self._heads = {k: v for k, v in self._heads.items() if k in self._offsets}
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop taking appends, finish the queued ones (up to `timeout_s`), then release; bounded."""
         self._closing = True
+        self._wakeup.set()
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._fail(self._pending, BackendUnavailable("the gateway is shutting down"))
+            await asyncio.wait({self._task}, timeout=timeout_s)
+            await stop_task(self._task, 2.0)
+        self._fail_pending(BackendUnavailable("the gateway is shutting down"))
         await self._release()

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from gateway.tasks import stop_task
+
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[bool]]
@@ -80,9 +82,7 @@ class BackendMonitor:
 
     async def stop(self) -> None:
         """Stop checking and report NOT_SERVING, so load balancers drain this instance while it stops."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task, 2.0)
         was_ready = self.ready
         self._initialised = False
         if was_ready:

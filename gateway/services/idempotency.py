@@ -4,10 +4,17 @@ The first request under a key runs and stores its answer (TTL `ttl_ms`, default 
 same key and the same request gets that answer back (`duplicate = True`) and runs nothing; the same key
 with a different request is IDEMPOTENCY_KEY_REUSED; a retry while the first still runs is
 IDEMPOTENCY_KEY_IN_FLIGHT. A request that fails releases its key, so the client may retry it.
+
+A caller that goes away (cancelled, timed out) does not abandon the key while its request may still
+take effect: the request runs on, shielded, and its outcome settles the key when it ends. What Redis
+cannot guarantee (a crash or a Redis failure between the action and `finish`, an action longer than the
+in-flight TTL) the actions guard against themselves: appends derive their generated event ids from the
+key and the event store finds a retry's events in the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,6 +23,7 @@ from typing import TypeVar
 
 from gateway.adapters.redis import BeginOutcome, IdempotencyStore
 from gateway.errors import BackendUnavailable, IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidArgument
+from gateway.tasks import spawn
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -67,16 +75,39 @@ class Idempotency:
                     "a request with this idempotency key is still running; retry shortly",
                     metadata={"idempotency_key": key},
                 )
+        task = asyncio.ensure_future(action())
         try:
-            answer = await action()
-        except BaseException:
-            await self._store.abandon(scope, key, owner=owner)
-            raise
-        try:
-            await self._store.finish(
-                scope, key, owner=owner, ttl_ms=self._settings.ttl_ms, answer=encode(answer)
+            answer = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller left; the action may still commit. Its own outcome settles the key.
+            task.add_done_callback(
+                lambda done: spawn(self._settle(scope, key, owner, done, encode), name=f"idempotency:{key}")
             )
-        except BackendUnavailable:
-            # The action succeeded: say so. The key stays "running" until its in-flight TTL ends.
-            log.warning("could not store the answer for idempotency key %r", key, exc_info=True)
+            raise
+        except BaseException:
+            await self._abandon(scope, key, owner)
+            raise
+        await self._finish(scope, key, owner, encode(answer))
         return answer, False
+
+    async def _settle(
+        self, scope: str, key: str, owner: str, done: asyncio.Future[T], encode: Callable[[T], bytes]
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            await self._abandon(scope, key, owner)
+        else:
+            await self._finish(scope, key, owner, encode(done.result()))
+
+    async def _finish(self, scope: str, key: str, owner: str, answer: bytes) -> None:
+        try:
+            await self._store.finish(scope, key, owner=owner, ttl_ms=self._settings.ttl_ms, answer=answer)
+        except BackendUnavailable:
+            # The action succeeded: say so. The key stays "running" until its in-flight TTL ends; a retry
+            # after that is recognised by the action itself (derived event ids, for appends).
+            log.warning("could not store the answer for idempotency key %r", key, exc_info=True)
+
+    async def _abandon(self, scope: str, key: str, owner: str) -> None:
+        try:
+            await self._store.abandon(scope, key, owner=owner)
+        except BackendUnavailable:
+            log.warning("could not release idempotency key %r; it expires by itself", key)

@@ -17,24 +17,24 @@ import asyncio
 import importlib
 import logging
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
-from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, FailurePolicy, KafkaAdmin, Record, TopicSpec
 from gateway.adapters.sql.documents import DocumentRow, FieldFilter, Page
 from gateway.adapters.sql.read_models import DocumentChange, OffsetConflict, ReadModelStore, RegistryEntry
 from gateway.definitions import Definitions, DefinitionsError, ReadModelDef
-from gateway.domain.dead_letters import Failure, dlt_headers, dlt_topic
+from gateway.domain.dead_letters import dlt_topic
 from gateway.domain.events import Position, StoredEvent, parse_event
 from gateway.domain.projections import EventView, Handler, HandlerFailed, fold
 from gateway.errors import BackendUnavailable, InvalidArgument, NotFound, ReadModelBehind
+from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.progress import Progress
 from gateway.settings import KafkaSettings, ReadModelsSettings
+from gateway.tasks import raise_if_cancelling, stop_task
 
 __all__ = ["Document", "FieldFilter", "ReadModelStatus", "ReadModels", "compile_handlers"]
 
@@ -107,7 +107,7 @@ class Projection:
         topic: str,
         handler_for: Callable[[str], Handler | None],
         store: ReadModelStore,
-        producer: AsyncProducer,
+        dead_letters: DeadLetterWriter,
         kafka: KafkaSettings,
         settings: ReadModelsSettings,
         progress: Progress,
@@ -117,7 +117,7 @@ class Projection:
         self.topic = topic
         self._handler_for = handler_for
         self._store = store
-        self._producer = producer
+        self._dead_letters = dead_letters
         self._settings = settings
         self._progress = progress
         self.group_id = f"kpg-rm-{table}"
@@ -129,7 +129,12 @@ class Projection:
             start_offsets=lambda partitions: store.offsets(table, partitions),
             on_positions=self._advance,
             batch_size=settings.batch_size,
-            retry_backoff_s=0.5,
+            # Handlers are retried per event in _fold; this covers anything else a batch may raise.
+            policy=FailurePolicy(
+                max_attempts=settings.handler_max_attempts,
+                backoff_s=max(0.05, settings.handler_backoff_ms / 1000),
+                dead_letter=dead_letters,
+            ),
             **_FETCH_OVERRIDES,
         )
 
@@ -208,36 +213,8 @@ class Projection:
         raise AssertionError("unreachable")
 
     async def _dead_letter(self, record: Record, failed: HandlerFailed) -> None:
-        cause = failed.__cause__ or failed
-        failure = Failure(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp_ms,
-            consumer_group=self.group_id,
-            error_class=f"{type(cause).__module__}.{type(cause).__qualname__}",
-            error_message=str(failed),
-            stack_trace="".join(traceback.format_exception(cause)),
-            attempts=self._settings.handler_max_attempts,
-            failed_at=datetime.now(UTC),
-        )
-        log.warning(
-            "read model %s: event at %s[%d]@%d failed %d times, sent to %s: %s",
-            self.model,
-            record.topic,
-            record.partition,
-            record.offset,
-            failure.attempts,
-            dlt_topic(record.topic),
-            failed,
-        )
         # Acknowledged by Kafka before the offsets move past the event: a failure is never lost.
-        await self._producer.produce(
-            dlt_topic(record.topic),
-            record.value,
-            key=record.key,
-            headers=dlt_headers(record.headers, failure),
-        )
+        await self._dead_letters(record, failed, self._settings.handler_max_attempts, self.group_id)
 
     async def _advance(self, positions: dict[TopicPartition, int]) -> None:
         """Move stored offsets past transaction markers (no documents change there)."""
@@ -273,7 +250,7 @@ class ReadModels:
         self._definitions = definitions
         self._store = store
         self._admin = admin
-        self._producer = producer
+        self._dead_letters = DeadLetterWriter(producer)
         self._handlers = {name: compile_handlers(name, d) for name, d in definitions.read_models.items()}
         self._entries: dict[str, RegistryEntry] = {}
         self._projections: dict[str, Projection] = {}  # by table
@@ -294,13 +271,13 @@ class ReadModels:
         return specs
 
     async def start(self) -> None:
+        """Start every projection and the supervisor. Idempotent (start-up work may be retried)."""
         await self._reconcile()
-        self._supervisor = asyncio.create_task(self._supervise(), name="read-models")
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.create_task(self._supervise(), name="read-models")
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
+        await stop_task(self._supervisor, 2.0)
         await asyncio.gather(*(p.stop() for p in self._projections.values()), return_exceptions=True)
         self._projections.clear()
 
@@ -312,8 +289,10 @@ class ReadModels:
             try:
                 await self._reconcile()
             except BackendUnavailable as exc:
+                raise_if_cancelling()
                 log.warning("read models: %s", exc)
             except Exception:
+                raise_if_cancelling()
                 log.exception("read models: supervision failed")
 
     async def _reconcile(self) -> None:
@@ -355,7 +334,7 @@ class ReadModels:
             topic=self._definitions.category_topic(definition.category),
             handler_for=self._handlers[model],
             store=self._store,
-            producer=self._producer,
+            dead_letters=self._dead_letters,
             kafka=self._kafka,
             settings=self._settings,
             progress=self._progress,

@@ -14,9 +14,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.adapters.kafka import ConsumerRunner, Record
+from gateway.adapters.kafka import ConsumerRunner, FailurePolicy, Record
 from gateway.adapters.sql import StreamIndex
 from gateway.domain.events import parse_event
+from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.progress import Progress
 from gateway.settings import KafkaSettings
 
@@ -27,26 +28,47 @@ _FETCH_OVERRIDES: dict[str, Any] = {"fetch.wait.max.ms": 50, "topic.metadata.ref
 
 
 class StreamIndexer:
-    def __init__(self, kafka: KafkaSettings, index: StreamIndex, *, topics: Sequence[str]) -> None:
+    """Invariants: `start()` is idempotent (one consumer loop, however often start-up is retried); the
+    loop never dies (ConsumerRunner's policy: outages rewind and back off, a record that cannot be
+    indexed goes to `<topic>.DLT` before the index moves past it)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        index: StreamIndex,
+        *,
+        topics: Sequence[str],
+        dead_letters: DeadLetterWriter,
+    ) -> None:
         self.index = index
+        self._kafka = kafka
+        self._topics = list(topics)
+        self._dead_letters = dead_letters
         self._progress = Progress()
-        self._runner = ConsumerRunner(
-            kafka,
-            group_id=f"kpg-stream-index-{index.index_id()}",
-            topics=topics,
-            handler=self._apply,
-            start_offsets=index.progress,
-            on_positions=self._advance,
-            batch_size=1000,
-            retry_backoff_s=0.2,
-            **_FETCH_OVERRIDES,
-        )
+        self._runner: ConsumerRunner | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        await self._runner.start()
+        async with self._starting:
+            if self._runner is None:
+                await asyncio.to_thread(self.index.ensure_tables)
+                index_id = await asyncio.to_thread(self.index.index_id)
+                self._runner = ConsumerRunner(
+                    self._kafka,
+                    group_id=f"kpg-stream-index-{index_id}",
+                    topics=self._topics,
+                    handler=self._apply,
+                    policy=FailurePolicy(dead_letter=self._dead_letters),
+                    start_offsets=self.index.progress,
+                    on_positions=self._advance,
+                    batch_size=1000,
+                    **_FETCH_OVERRIDES,
+                )
+            await self._runner.start()
 
-    async def stop(self) -> None:
-        await self._runner.stop()
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        if self._runner is not None:
+            await self._runner.stop(timeout_s)
 
     async def _apply(self, records: Sequence[Record]) -> None:
         events = []

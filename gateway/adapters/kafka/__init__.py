@@ -1,13 +1,15 @@
 """The only package that imports confluent_kafka. Driver errors become `BackendUnavailable` here."""
 
 from gateway.adapters.kafka.admin import KafkaAdmin, TopicSpec, kafka_answers
-from gateway.adapters.kafka.consumer import ConsumerRunner
+from gateway.adapters.kafka.consumer import ConsumerRunner, DeadLetter, FailurePolicy
 from gateway.adapters.kafka.producer import AsyncProducer
 from gateway.adapters.kafka.records import Delivery, Header, Record
+from gateway.adapters.kafka.scanner import PartitionScanner
 from gateway.adapters.kafka.tail import TopicTail
 from gateway.adapters.kafka.transactional import (
     OutcomeUnknown,
     OutRecord,
+    RecordsRejected,
     TransactionalProducer,
     WriterFenced,
 )
@@ -15,12 +17,16 @@ from gateway.adapters.kafka.transactional import (
 __all__ = [
     "AsyncProducer",
     "ConsumerRunner",
+    "DeadLetter",
     "Delivery",
+    "FailurePolicy",
     "Header",
     "KafkaAdmin",
     "OutRecord",
     "OutcomeUnknown",
+    "PartitionScanner",
     "Record",
+    "RecordsRejected",
     "TopicSpec",
     "TopicTail",
     "TransactionalProducer",

@@ -1,9 +1,18 @@
-"""`ConsumerRunner`: every consumer the gateway runs goes through here.
+"""`ConsumerRunner`: every consumer the gateway runs goes through here, with one failure policy.
 
 The confluent-kafka consumer lives on one dedicated thread; the runner fetches batches with
 `consume(n)`, awaits the async handler, and only then commits the batch's offsets (at-least-once,
-never ahead of processing). A handler failure rewinds to the start of the batch and retries after a
-backoff, so nothing is skipped; later the dead-letter policy plugs in at `_handle`.
+never ahead of processing). Handlers must shrug off a redelivered record.
+
+The failure policy (`FailurePolicy`), the same for every consumer:
+- The runner never dies: whatever a handler or the driver raises, the loop goes on (cancellation aside).
+- A backend outage (`BackendUnavailable`: Kafka, Redis or the database) rewinds to the first record not
+  processed and backs off (doubling, capped); it never counts against a record and never skips one.
+- Any other handler failure is retried with backoff; when the batch keeps failing, its records are
+  handled one by one, and a record that still fails after `max_attempts` is given to `dead_letter`
+  (which writes `<topic>.DLT`). Only once that write is acknowledged does the runner move past it;
+  without a `dead_letter` the record is retried until it succeeds.
+- A partition whose start offset cannot be read (the database is down) is assigned later, not dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -21,6 +31,7 @@ from gateway.adapters.kafka.records import Record
 from gateway.adapters.kafka.threads import consume_ready, on_client_thread
 from gateway.errors import BackendUnavailable
 from gateway.settings import KafkaSettings
+from gateway.tasks import bounded, raise_if_cancelling, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +40,20 @@ TopicPartitionKey = tuple[str, int]
 # Where to start each newly assigned partition, when the offsets live with the data (not in Kafka).
 StartOffsets = Callable[[list[TopicPartitionKey]], dict[TopicPartitionKey, int]]
 PositionsHandler = Callable[[dict[TopicPartitionKey, int]], Awaitable[None]]
+# Writes one record that keeps failing to its dead-letter topic: (record, error, attempts, group id).
+DeadLetter = Callable[[Record, BaseException, int, str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FailurePolicy:
+    max_attempts: int = 3
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    dead_letter: DeadLetter | None = None
+
+    def delay(self, attempt: int) -> float:
+        """The pause after failed attempt number `attempt` (1-based)."""
+        return float(min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempt - 1)))
 
 
 class ConsumerRunner:
@@ -39,11 +64,11 @@ class ConsumerRunner:
         group_id: str,
         topics: Sequence[str],
         handler: BatchHandler,
+        policy: FailurePolicy | None = None,
         batch_size: int = 500,
         poll_timeout_s: float = 0.2,
         linger_s: float = 0.05,
         synchronous_commit: bool = True,
-        retry_backoff_s: float = 0.5,
         start_offsets: StartOffsets | None = None,
         on_positions: PositionsHandler | None = None,
         **overrides: Any,
@@ -51,17 +76,21 @@ class ConsumerRunner:
         self.group_id = group_id
         self.topics = list(topics)
         self._handler = handler
+        self._policy = policy or FailurePolicy()
         self._batch_size = batch_size
         self._poll_timeout_s = poll_timeout_s
         # After the first record of a batch, wait this long for more (see consume_ready).
         self._linger_s = linger_s
         # False: commit in the background (a lost commit means a redelivery, for handlers that shrug it off).
         self._synchronous_commit = synchronous_commit
-        self._retry_backoff_s = retry_backoff_s
-        # With start_offsets the handler stores its offsets with its data, so Kafka commits are not used.
+        # With start_offsets the handler stores its offsets with its data, so Kafka commits are not used,
+        # and on_positions is how the runner moves them (past transaction markers and dead letters).
+        if start_offsets is not None and on_positions is None:
+            raise ValueError("start_offsets needs on_positions to move stored offsets")
         self._start_offsets = start_offsets
         self._on_positions = on_positions
         self._positions: dict[TopicPartitionKey, int] = {}
+        self._unstarted: list[TopicPartition] = []  # assigned, but their start offsets are not known yet
         self._config = consumer_config(settings, group_id, **overrides)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
         self._consumer: Consumer | None = None
@@ -70,19 +99,25 @@ class ConsumerRunner:
         self.assignment: set[tuple[str, int]] = set()
 
     async def start(self) -> None:
-        """Create the consumer, subscribe, and start consuming in the background."""
-        await self._call(self._open)
+        """Create the consumer, subscribe, and start consuming in the background. Idempotent."""
+        if self._task is not None and not self._task.done():
+            return
+        if self._consumer is None:
+            await self._call(self._open)
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group_id}")
 
-    async def stop(self) -> None:
-        """Finish the batch in hand, commit it, leave the group and close."""
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the batch in hand (up to `timeout_s`, then cancel it), leave the group and close."""
         self._stopping = True
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._call(self._consumer.close)
-            self._consumer = None
-        self._executor.shutdown(wait=True)
+        task = self._task
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout_s)
+            await stop_task(task, 2.0)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await bounded(self._call(consumer.close), 5.0, what=f"closing consumer {self.group_id}")
+        self._executor.shutdown(wait=False)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await on_client_thread(self._executor, f"Kafka consumer {self.group_id}", fn, *args)
@@ -96,20 +131,41 @@ class ConsumerRunner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         if self._start_offsets is not None and partitions:
+            self._unstarted += partitions
+            self._assign_unstarted(consumer)
+
+    def _assign_unstarted(self, consumer: Consumer) -> None:
+        """Assign the partitions whose start offsets can be read now; the others wait for the next try."""
+        assert self._start_offsets is not None
+        partitions = [tp for tp in self._unstarted if (tp.topic, tp.partition) in self.assignment]
+        self._unstarted = []
+        if not partitions:
+            return
+        try:
             offsets = self._start_offsets([(tp.topic, tp.partition) for tp in partitions])
-            for tp in partitions:
-                tp.offset = offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
-            consumer.incremental_assign(partitions)
+        except Exception as exc:  # on the consumer thread: an exception here would lose the assignment
+            log.warning("consumer %s: start offsets unavailable (%s); assigning later", self.group_id, exc)
+            self._unstarted = partitions
+            return
+        for tp in partitions:
+            tp.offset = offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+        consumer.incremental_assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.assignment -= {(tp.topic, tp.partition) for tp in partitions}
-        for tp in partitions:
-            self._positions.pop((tp.topic, tp.partition), None)
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self.assignment -= revoked
+        for key in revoked:
+            self._positions.pop(key, None)
         if self._start_offsets is not None and partitions:
-            consumer.incremental_unassign(partitions)
+            started = [tp for tp in partitions if not any(_same(tp, u) for u in self._unstarted)]
+            self._unstarted = [u for u in self._unstarted if (u.topic, u.partition) not in revoked]
+            if started:
+                consumer.incremental_unassign(started)
 
     def _consume(self) -> list[Record]:
         assert self._consumer is not None
+        if self._unstarted:
+            self._assign_unstarted(self._consumer)
         messages = consume_ready(self._consumer, self._batch_size, self._poll_timeout_s, self._linger_s)
         records = []
         for message in messages:
@@ -127,7 +183,8 @@ class ConsumerRunner:
     def _changed_positions(self) -> dict[TopicPartitionKey, int]:
         """Positions that moved since last asked: past records, and past transaction markers too."""
         assert self._consumer is not None
-        assigned = [TopicPartition(t, p) for t, p in self.assignment]
+        unstarted = {(tp.topic, tp.partition) for tp in self._unstarted}
+        assigned = [TopicPartition(t, p) for t, p in self.assignment if (t, p) not in unstarted]
         changed = {}
         for tp in self._consumer.position(assigned) if assigned else []:
             key = (tp.topic, tp.partition)
@@ -147,6 +204,7 @@ class ConsumerRunner:
             self._consumer.commit(offsets=partitions, asynchronous=True)
 
     def _rewind(self, records: Sequence[Record]) -> None:
+        """Seek each partition back to its first record in `records`: they are delivered again."""
         assert self._consumer is not None
         first: dict[tuple[str, int], int] = {}
         for r in records:
@@ -156,6 +214,7 @@ class ConsumerRunner:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
 
     async def _run(self) -> None:
+        outages = 0
         while not self._stopping:
             try:
                 records = await self._call(self._consume)
@@ -165,20 +224,102 @@ class ConsumerRunner:
                     changed = await self._call(self._changed_positions)
                     if changed:
                         await self._on_positions(changed)
-            except BackendUnavailable as exc:
-                # A failed commit means redelivery, never a skip: processing is at-least-once.
-                log.error("%s; retrying", exc)
-                await asyncio.sleep(self._retry_backoff_s)
+                outages = 0
+            except Exception as exc:  # never dies: an outage or a bug backs off and tries again
+                raise_if_cancelling()
+                outages += 1
+                if isinstance(exc, BackendUnavailable):
+                    log.error("consumer %s: %s; retrying", self.group_id, exc)
+                else:
+                    log.exception("consumer %s: unexpected failure; retrying", self.group_id)
+                await asyncio.sleep(self._policy.delay(outages))
 
     async def _handle(self, records: Sequence[Record]) -> None:
+        """Process a batch under the failure policy (module doc). Raises BackendUnavailable after
+        rewinding to the first record not processed."""
+        policy = self._policy
+        error: Exception | None = None
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                error = await self._try(records)
+            except BaseException:
+                await self._call(self._rewind, records)
+                raise
+            if error is None:
+                return
+            log.warning(
+                "consumer %s: handler failed on %d record(s) (attempt %d): %r",
+                self.group_id,
+                len(records),
+                attempt,
+                error,
+            )
+            if attempt < policy.max_attempts:
+                await asyncio.sleep(policy.delay(attempt))
+        # The batch keeps failing: find the record(s) to blame by handling them one by one (a batch of
+        # one has had its attempts already).
+        for i, record in enumerate(records):
+            try:
+                if len(records) == 1:
+                    await self._settle(record, policy.max_attempts, error)
+                else:
+                    await self._settle(record, 0, None)
+            except BaseException:
+                await self._call(self._rewind, records[i:])
+                raise
+
+    async def _try(self, records: Sequence[Record]) -> Exception | None:
+        """Handle and commit; the handler's error (None on success). Outages and cancellation raise."""
         try:
             await self._handler(records)
-        except Exception:
-            log.exception("consumer %s: handler failed; retrying the batch", self.group_id)
-            await self._call(self._rewind, records)
-            await asyncio.sleep(self._retry_backoff_s)
-            return
+        except BackendUnavailable:
+            raise_if_cancelling()
+            raise
+        except Exception as exc:
+            raise_if_cancelling()
+            return exc
         await self._call(self._commit, records)
+        return None
+
+    async def _settle(self, record: Record, tried: int, error: Exception | None) -> None:
+        """One record: retried under the policy until it succeeds or, with a dead-letter writer, until
+        `max_attempts` attempts failed; then dead-lettered and passed."""
+        policy = self._policy
+        attempt = tried
+        while error is None or attempt < policy.max_attempts or policy.dead_letter is None:
+            if attempt:
+                await asyncio.sleep(policy.delay(attempt))
+            attempt += 1
+            error = await self._try([record])
+            if error is None:
+                return
+            log.warning(
+                "consumer %s: record %s[%d]@%d failed (attempt %d): %r",
+                self.group_id,
+                record.topic,
+                record.partition,
+                record.offset,
+                attempt,
+                error,
+            )
+        assert policy.dead_letter is not None
+        log.error(
+            "consumer %s: record %s[%d]@%d failed %d times; writing it to the dead-letter topic",
+            self.group_id,
+            record.topic,
+            record.partition,
+            record.offset,
+            attempt,
+        )
+        # Acknowledged by Kafka (or this raises) before the offsets move past the record.
+        await policy.dead_letter(record, error, attempt, self.group_id)
+        if self._on_positions is not None and self._start_offsets is not None:
+            await self._on_positions({(record.topic, record.partition): record.offset + 1})
+        await self._call(self._commit, [record])
+
+
+def _same(a: TopicPartition, b: TopicPartition) -> bool:
+    return bool(a.topic == b.topic and a.partition == b.partition)
 
 
 def to_record(message: Message) -> Record:

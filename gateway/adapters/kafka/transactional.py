@@ -35,6 +35,16 @@ class OutcomeUnknown(BackendUnavailable):
     """The commit's outcome is unknown (it may or may not be in the log): state must be re-read."""
 
 
+class RecordsRejected(BackendUnavailable):
+    """Kafka refused some records of the transaction for what they are (too large, for example); the
+    transaction was aborted, so nothing of it is in the log. `rejected` maps each refused record's index
+    to the caller's error; the other records are innocent and may be sent again."""
+
+    def __init__(self, message: str, rejected: dict[int, GatewayError]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
 @dataclass(frozen=True, slots=True)
 class OutRecord:
     topic: str
@@ -56,6 +66,7 @@ class TransactionalProducer:
             "transaction.timeout.ms": transaction_timeout_ms,
             "delivery.timeout.ms": min(settings.delivery_timeout_ms, transaction_timeout_ms),
             "linger.ms": 0,  # the writer batches whole transactions itself
+            "message.max.bytes": settings.max_record_bytes,
         }
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"txn-{transactional_id}")
         self._producer: Producer | None = None
@@ -93,15 +104,23 @@ class TransactionalProducer:
 
         producer.begin_transaction()
         try:
+            refused: dict[int, GatewayError] = {}
             for i, r in enumerate(records):
-                producer.produce(
-                    r.topic,
-                    r.value,
-                    key=r.key,
-                    headers=list(r.headers),
-                    partition=r.partition,
-                    on_delivery=on_delivery(i),
-                )
+                try:
+                    producer.produce(
+                        r.topic,
+                        r.value,
+                        key=r.key,
+                        headers=list(r.headers),
+                        partition=r.partition,
+                        on_delivery=on_delivery(i),
+                    )
+                except KafkaException as exc:  # refused locally (too large, for example)
+                    if exc.args[0].fatal() or exc.args[0].code() == KafkaError._FENCED:
+                        raise
+                    refused[i] = delivery_error(exc.args[0], r.topic)
+            if refused:
+                raise self._reject(producer, refused)
             self._commit(producer, timeout_s)
         except KafkaException as exc:
             raise self._failed(producer, exc.args[0], deliveries) from exc
@@ -113,6 +132,14 @@ class TransactionalProducer:
                 )
             out.append(delivery)
         return out
+
+    def _reject(self, producer: Producer, refused: dict[int, GatewayError]) -> GatewayError:
+        try:
+            producer.abort_transaction(10)
+        except KafkaException as abort_error:
+            self._producer = None
+            return OutcomeUnknown(f"{self.transactional_id}: abort failed: {abort_error.args[0].str()}")
+        return RecordsRejected(f"{self.transactional_id}: {len(refused)} record(s) refused", refused)
 
     @staticmethod
     def _commit(producer: Producer, timeout_s: float) -> None:
@@ -138,15 +165,15 @@ class TransactionalProducer:
             except KafkaException as abort_error:
                 self._producer = None
                 return OutcomeUnknown(f"{self.transactional_id}: abort failed: {abort_error.args[0].str()}")
-            caller_error = next(
-                (
-                    d
-                    for d in deliveries
-                    if isinstance(d, GatewayError) and not isinstance(d, BackendUnavailable)
-                ),
-                None,
-            )
-            return caller_error or BackendUnavailable(f"Kafka transaction aborted: {error.str()}")
+            # Records refused for what they are fail their own append; the others did nothing wrong.
+            refused = {
+                i: d
+                for i, d in enumerate(deliveries)
+                if isinstance(d, GatewayError) and not isinstance(d, BackendUnavailable)
+            }
+            if refused:
+                return RecordsRejected(f"{self.transactional_id}: {len(refused)} record(s) refused", refused)
+            return BackendUnavailable(f"Kafka transaction aborted: {error.str()}")
         # A commit that timed out may have succeeded: the only safe answer is to re-read the log.
         self._producer = None
         return OutcomeUnknown(f"{self.transactional_id}: commit outcome unknown: {error.str()}")

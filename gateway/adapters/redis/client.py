@@ -13,6 +13,7 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import BackendUnavailable
 from gateway.settings import RedisSettings
+from gateway.tasks import raise_if_cancelling
 
 SCRIPTS_DIR = Path(__file__).parent / "scripts"
 
@@ -68,6 +69,7 @@ class RedisClient:
         except redis.ResponseError:
             raise  # a bug in a script or a command: let it surface as an internal error
         except (redis.RedisError, OSError) as exc:
+            raise_if_cancelling()  # redis-py can report an interrupted call as a connection error
             raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
 
     async def close(self) -> None:

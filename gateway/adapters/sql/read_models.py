@@ -83,8 +83,9 @@ class DocumentChange:
     offset: int
 
 
-class OffsetConflict(Exception):
-    """Another instance applied some of these records first; re-read the offsets and go on."""
+class OffsetConflict(BackendUnavailable):
+    """Another instance applied some of these records first; re-read the offsets and go on (transient:
+    the consumer rewinds and retries, it never counts against a record)."""
 
 
 def new_table_name(model: str, generation: int) -> str:

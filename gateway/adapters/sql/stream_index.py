@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import fields
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -84,87 +88,123 @@ StreamKey = tuple[str, str]  # (category, stream_id)
 
 
 class StreamIndex:
+    """Invariants: a (category, stream, version) is indexed once, first in the log wins; heads and
+    progress only move forward, whatever order concurrent writers (a restarted consumer, a second loop,
+    another gateway) commit in: every write is a conditional upsert. Database errors surface as
+    BackendUnavailable (the consumer rewinds and retries), never as a driver error."""
+
     def __init__(self, database: Database) -> None:
         self._engine = database.engine
-        try:
+        self._dialect = self._engine.dialect.name
+        self._ready = False
+
+    def ensure_tables(self) -> None:
+        """Create the tables if missing (idempotent; called before first use)."""
+        if self._ready:
+            return
+        with _translated("creating the stream index tables"):
             SQLModel.metadata.create_all(
                 self._engine,
                 tables=[t.__table__ for t in (StreamEventRow, StreamHeadRow, IndexProgressRow, IndexMetaRow)],  # type: ignore[union-attr]
             )
-        except SQLAlchemyError as exc:
-            raise BackendUnavailable(f"cannot create the stream index tables: {exc}") from exc
+        self._ready = True
 
     def _session(self) -> Session:
+        self.ensure_tables()
         return Session(self._engine, expire_on_commit=False)
 
     def index_id(self) -> str:
         """A stable id of this index (its database): gateways sharing the database share a consumer group."""
-        with self._session() as session:
-            row = session.get(IndexMetaRow, "index_id")
+        return self.meta_value("index_id", uuid.uuid4().hex[:16])
+
+    def meta_value(self, key: str, default: str) -> str:
+        """The stored value of `key`, storing `default` first if there is none (first writer wins)."""
+        with _translated("reading the stream index metadata"), self._session() as session:
+            row = session.get(IndexMetaRow, key)
             if row is None:
-                session.add(IndexMetaRow(key="index_id", value=uuid.uuid4().hex[:16]))
+                session.add(IndexMetaRow(key=key, value=default))
                 try:
                     session.commit()
-                except SQLAlchemyError:  # another gateway created it first
+                except SQLAlchemyError:  # another gateway stored it first
                     session.rollback()
-                row = session.get(IndexMetaRow, "index_id")
+                row = session.get(IndexMetaRow, key)
             assert row is not None
             return row.value
 
-    def apply(self, events: Sequence[StoredEvent], positions: dict[TopicPartition, int]) -> list[StoredEvent]:
-        """Index a batch and advance the offsets in one transaction; returns the events newly indexed
-        (a redelivered or superseded version is skipped)."""
-        with self._session() as session:
-            progress = (
-                {
-                    (r.topic, r.partition): r
-                    for r in session.exec(
-                        select(IndexProgressRow).where(
-                            tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(
-                                list(positions)
-                            )
+    def _insert(self, table: Any) -> Any:
+        return (pg_insert if self._dialect == "postgresql" else sqlite_insert)(table)
+
+    def apply(self, events: Sequence[StoredEvent], positions: dict[TopicPartition, int]) -> None:
+        """Index a batch and advance the offsets in one transaction. A redelivered event (below the
+        stored progress) or a version the stream already has is skipped."""
+        self.ensure_tables()
+        with _translated("indexing events"), self._engine.begin() as connection:
+            done: dict[TopicPartition, int] = {}
+            if positions:
+                rows = connection.execute(
+                    select(
+                        col(IndexProgressRow.topic),
+                        col(IndexProgressRow.partition),
+                        col(IndexProgressRow.next_offset),
+                    ).where(
+                        tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(
+                            list(positions)
                         )
                     )
-                }
-                if positions
-                else {}
-            )
-            heads = _load_heads(session, {(e.category, e.stream_id) for e in events})
-            added = []
-            for event in events:
-                done = progress.get((event.topic, event.partition))
-                if done is not None and event.offset < done.next_offset:
-                    continue  # redelivered: already indexed
-                known = heads.get((event.category, event.stream_id))
-                if known is not None and event.version <= known.version:
-                    continue  # a version this stream already has (first in the log wins)
-                session.add(StreamEventRow.from_event(event))
-                head = known or StreamHeadRow(
-                    category=event.category,
-                    stream_id=event.stream_id,
-                    version=0,
-                    partition=event.partition,
-                    offset=event.offset,
                 )
-                heads[(event.category, event.stream_id)] = head
-                head.version, head.partition, head.offset = event.version, event.partition, event.offset
-                session.add(head)
-                added.append(event)
-            for (topic, partition), next_offset in positions.items():
-                row = progress.get((topic, partition))
-                if row is None:
-                    session.add(IndexProgressRow(topic=topic, partition=partition, next_offset=next_offset))
-                elif next_offset > row.next_offset:
-                    row.next_offset = next_offset
-                    session.add(row)
-            session.commit()
-            return added
+                done = {(topic, partition): offset for topic, partition, offset in rows}
+            fresh = [e for e in events if e.offset >= done.get((e.topic, e.partition), 0)]
+            if fresh:
+                events_table = StreamEventRow.__table__  # type: ignore[attr-defined]
+                connection.execute(
+                    self._insert(events_table).on_conflict_do_nothing(),
+                    [StreamEventRow.from_event(e).model_dump() for e in fresh],
+                )
+                heads: dict[StreamKey, StoredEvent] = {}
+                for event in fresh:
+                    key = (event.category, event.stream_id)
+                    if key not in heads or event.version > heads[key].version:
+                        heads[key] = event
+                heads_table = StreamHeadRow.__table__  # type: ignore[attr-defined]
+                upsert = self._insert(heads_table)
+                connection.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=["category", "stream_id"],
+                        set_={
+                            "version": upsert.excluded.version,
+                            "partition": upsert.excluded.partition,
+                            "offset": upsert.excluded.offset,
+                        },
+                        where=heads_table.c.version < upsert.excluded.version,
+                    ),
+                    [
+                        {
+                            "category": e.category,
+                            "stream_id": e.stream_id,
+                            "version": e.version,
+                            "partition": e.partition,
+                            "offset": e.offset,
+                        }
+                        for e in heads.values()
+                    ],
+                )
+            if positions:
+                progress_table = IndexProgressRow.__table__  # type: ignore[attr-defined]
+                upsert = self._insert(progress_table)
+                connection.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=["topic", "partition"],
+                        set_={"next_offset": upsert.excluded.next_offset},
+                        where=progress_table.c.next_offset < upsert.excluded.next_offset,
+                    ),
+                    [{"topic": t, "partition": p, "next_offset": o} for (t, p), o in positions.items()],
+                )
 
     def progress(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         wanted = list(partitions)
         if not wanted:
             return {}
-        with self._session() as session:
+        with _translated("reading the stream index progress"), self._session() as session:
             rows = session.exec(
                 select(IndexProgressRow).where(
                     tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(wanted)
@@ -175,12 +215,13 @@ class StreamIndex:
 
     def heads(self, streams: Iterable[StreamKey]) -> dict[StreamKey, int]:
         """The head version of each stream (0 for a stream the index does not know), in one round trip."""
+        self.ensure_tables()
         heads = dict.fromkeys(streams, 0)
         by_category: dict[str, list[str]] = {}
         for category, stream_id in heads:
             by_category.setdefault(category, []).append(stream_id)
         # Core, not the ORM: this runs on the append path for every stream a writer has not seen yet.
-        with self._engine.connect() as connection:
+        with _translated("reading stream heads"), self._engine.connect() as connection:
             for category, stream_ids in by_category.items():
                 for i in range(0, len(stream_ids), 500):
                     rows = connection.execute(
@@ -196,7 +237,7 @@ class StreamIndex:
         self, category: str, stream_id: str, *, from_version: int, max_count: int, backwards: bool
     ) -> tuple[list[StoredEvent], int]:
         """Up to `max_count` events from `from_version` (inclusive; 0 = the start, or the head backwards)."""
-        with self._session() as session:
+        with _translated("reading a stream"), self._session() as session:
             head = session.get(StreamHeadRow, (category, stream_id))
             if head is None:
                 return [], 0
@@ -213,39 +254,33 @@ class StreamIndex:
             rows = session.exec(query.limit(max_count)).all()
             return [r.to_event() for r in rows], head.version
 
-    def find_event_ids(self, category: str, stream_id: str, event_ids: Sequence[str]) -> list[StoredEvent]:
-        with self._session() as session:
-            rows = session.exec(
-                select(StreamEventRow)
-                .where(
-                    and_(
-                        col(StreamEventRow.category) == category,
-                        col(StreamEventRow.stream_id) == stream_id,
-                        col(StreamEventRow.event_id).in_(list(event_ids)),
+    def find_event_ids(self, category: str, event_ids: Sequence[str]) -> list[StoredEvent]:
+        """The indexed events of `category` with any of these ids, in one round trip per 500 ids."""
+        found: list[StoredEvent] = []
+        ids = list(dict.fromkeys(event_ids))
+        with _translated("looking up event ids"), self._session() as session:
+            for i in range(0, len(ids), 500):
+                rows = session.exec(
+                    select(StreamEventRow).where(
+                        and_(
+                            col(StreamEventRow.category) == category,
+                            col(StreamEventRow.event_id).in_(ids[i : i + 500]),
+                        )
                     )
-                )
-                .order_by(col(StreamEventRow.version))
-            ).all()
-            return [r.to_event() for r in rows]
+                ).all()
+                found += [r.to_event() for r in rows]
+        return found
 
     def offset_of(self, category: str, stream_id: str, version: int) -> int | None:
-        with self._session() as session:
+        with _translated("reading a stream"), self._session() as session:
             row = session.get(StreamEventRow, (category, stream_id, version))
             return row.offset if row else None
 
 
-def _load_heads(session: Session, keys: Iterable[StreamKey]) -> dict[StreamKey, StreamHeadRow]:
-    heads: dict[StreamKey, StreamHeadRow] = {}
-    for chunk in _chunks(list(keys), 200):
-        for head in session.exec(
-            select(StreamHeadRow).where(
-                tuple_(col(StreamHeadRow.category), col(StreamHeadRow.stream_id)).in_(chunk)
-            )
-        ):
-            heads[(head.category, head.stream_id)] = head
-    return heads
-
-
-def _chunks(items: list[StreamKey], size: int) -> Iterable[list[StreamKey]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Database errors become BackendUnavailable at this edge (the caller retries; nothing leaks)."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise BackendUnavailable(f"stream index: {what} failed: {exc.__class__.__name__}: {exc}") from exc
