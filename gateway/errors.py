@@ -151,5 +151,7 @@ class RateLimited(GatewayError):
     reason = Reason.RATE_LIMITED
     retryable = True
 
-    def __init__(self, message: str, *, retry_after_ms: int, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_ms: int, metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message, metadata={**(metadata or {}), "retry_after_ms": str(retry_after_ms)})

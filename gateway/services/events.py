@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
+from prometheus_client import Histogram
+
 from gateway.adapters.kafka import (
     Delivery,
     KafkaAdmin,
@@ -41,6 +43,7 @@ from gateway.adapters.kafka import (
     RecordsRejected,
     TopicSpec,
     TopicTail,
+    TransactionAborted,
     TransactionalProducer,
     WriterFenced,
 )
@@ -81,6 +84,11 @@ MAX_ATTEMPTS = 3
 # Streams and event ids a writer remembers before it forgets what the index already holds.
 MAX_KNOWN = 200_000
 # Event ids the gateway generates under an idempotency key are derived from it (uuid5 in this namespace).
+TAKEOVER = Histogram(
+    "kpg_writer_takeover_seconds",
+    "Taking a partition: lease, fencing the previous writer, reading the log the index has not applied",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 DERIVED_IDS = uuid.UUID("6f3c2a4e-9a51-4c1e-8d0b-2b7f4b9e6a10")
 
 
@@ -394,6 +402,7 @@ class _Pending:
     future: asyncio.Future[AppendResult]
     stable_ids: bool  # its event ids identify a retry (client-chosen, or derived from its idempotency key)
     attempts: int = 0
+    alone: bool = False  # Kafka refused the transaction it was in: it goes in a transaction of its own
 
     @property
     def events(self) -> int:
@@ -475,6 +484,7 @@ class PartitionWriter:
     _recent: dict[str, _Known] = field(default_factory=dict)
     _known_to: int | None = None
     _marker_at_known_to: bool = False  # our own commit marker sits at _known_to
+    _reread: bool = False  # a transaction was aborted: read the log up to its end before the next one
     _held_since: float = 0.0
     _last_write: float = 0.0
     _handoff: bool = False
@@ -581,31 +591,43 @@ class PartitionWriter:
             )
             await producer.init(timeout_s)  # fences the previous writer and aborts what it left open
             self._producer = producer
+            fenced = time.monotonic()
             # Nobody else can commit now: the last stable offset is where the log ends for us.
             end = await self.admin.end_offset(self.topic, self.partition)
-            await self._catch_up(end, max(1.0, deadline - time.monotonic()))
+            scanned = await self._catch_up(end, max(1.0, deadline - time.monotonic()))
         except BaseException:
             await self._release()
             raise
-        self._last_write = time.monotonic()
+        self._last_write = now = time.monotonic()
+        TAKEOVER.observe(now - self._held_since)
+        log.debug(
+            "writer %s: took the partition in %.0f ms (lease and fencing %.0f ms, %d records read)",
+            self.lease_name,
+            1000 * (now - self._held_since),
+            1000 * (fenced - self._held_since),
+            scanned,
+        )
 
-    async def _catch_up(self, end: int, timeout_s: float) -> None:
+    async def _catch_up(self, end: int, timeout_s: float) -> int:
         """Learn the log up to `end` (see the class doc): from where this writer last knew it, else from
-        the index's progress. The index answers for everything below that, whatever its lag."""
+        the index's progress. The index answers for everything below that, whatever its lag. Returns
+        how many records it read."""
         if self._known_to is None:
-            start = (await asyncio.to_thread(self.index.progress, [(self.topic, self.partition)]))[
-                (self.topic, self.partition)
-            ]
+            tp = (self.topic, self.partition)
+            start = (await asyncio.to_thread(self.index.progress, [tp]))[tp]
             self._forget()
             self._known_to, self._marker_at_known_to = start, False
         start = self._known_to
         if end <= start or (end == start + 1 and self._marker_at_known_to):
-            return  # nothing new (at most our own last commit marker)
+            return 0  # nothing new (at most our own last commit marker)
+        read = 0
         async for records in self.scanner.scan(self.topic, self.partition, start, end, timeout_s=timeout_s):
             for record in records:
                 self._learn(record)
+            read += len(records)
             self._known_to, self._marker_at_known_to = records[-1].offset + 1, False
         self._known_to = max(self._known_to, end)
+        return read
 
     def _learn(self, record: Record) -> None:
         found = _identity(record)
@@ -666,6 +688,8 @@ class PartitionWriter:
             if batch and (
                 events + pending.events > self.settings.max_batch_events
                 or size + pending.size > self.settings.max_batch_bytes
+                or pending.alone
+                or batch[0].alone
             ):
                 break
             self._pending.popleft()
@@ -747,6 +771,10 @@ class PartitionWriter:
 
     async def _write(self, batch: list[_Pending]) -> None:
         assert self._producer is not None
+        if self._reread:  # after an abort: learn where the log is now (only aborted records are new)
+            end = await self.admin.end_offset(self.topic, self.partition)
+            await self._catch_up(end, self.settings.append_timeout_ms / 1000)
+            self._reread = False
         await self._load_heads(batch)
         found = await self._lookup_ids(batch)
         planned_heads: dict[StreamKey, int] = {}
@@ -801,18 +829,27 @@ class PartitionWriter:
             return
         try:
             deliveries = await self._producer.send(records, self.settings.append_timeout_ms / 1000)
-        except RecordsRejected as exc:
-            # Aborted, nothing written: the appends Kafka refused fail, the others go again.
-            innocent = []
+        except TransactionAborted as exc:
+            # Aborted, nothing written; the log moved past the aborted records, so read it again first.
+            # The broker refuses a whole record batch for one bad record, so a refused append is only to
+            # blame once it is refused alone; the others simply go again.
+            self._reread = True
+            rejected = exc.rejected if isinstance(exc, RecordsRejected) else {}
+            again = []
             for plan in plans:
-                errors = [
-                    exc.rejected[i] for i in range(plan.start, plan.start + plan.count) if i in exc.rejected
-                ]
-                if errors:
+                indexes = range(plan.start, plan.start + plan.count)
+                errors = [rejected[i] for i in indexes if i in rejected]
+                if errors and len(plans) == 1:
                     _reject(plan.pending, errors[0])
+                    continue
+                plan.pending.alone = plan.pending.alone or bool(errors)
+                if not rejected:
+                    plan.pending.attempts += 1
+                if plan.pending.attempts < MAX_ATTEMPTS:
+                    again.append(plan.pending)
                 else:
-                    innocent.append(plan.pending)
-            self._requeue(innocent)
+                    _reject(plan.pending, exc)
+            self._requeue(again)
             return
         except (WriterFenced, OutcomeUnknown) as exc:
             # Not written (fenced: aborted) or unknown: re-take the partition, which reads the log from

@@ -10,6 +10,7 @@ from gateway.adapters.kafka.transactional import (
     OutcomeUnknown,
     OutRecord,
     RecordsRejected,
+    TransactionAborted,
     TransactionalProducer,
     WriterFenced,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "RecordsRejected",
     "TopicSpec",
     "TopicTail",
+    "TransactionAborted",
     "TransactionalProducer",
     "WriterFenced",
     "kafka_answers",

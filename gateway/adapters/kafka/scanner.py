@@ -81,7 +81,9 @@ class PartitionScanner:
         """(records below `end`, whether the scan reached `end`)."""
         assert self._consumer is not None
         out: list[Record] = []
-        for message in self._consumer.consume(CHUNK, timeout_s):
+        # What is fetched already, else wait for the first message (never for a whole chunk).
+        messages = self._consumer.consume(CHUNK, 0) or self._consumer.consume(1, timeout_s)
+        for message in messages:
             error = message.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:

@@ -35,7 +35,12 @@ class OutcomeUnknown(BackendUnavailable):
     """The commit's outcome is unknown (it may or may not be in the log): state must be re-read."""
 
 
-class RecordsRejected(BackendUnavailable):
+class TransactionAborted(BackendUnavailable):
+    """The transaction was aborted (nothing of it is in the log) for a reason that is no record's fault:
+    sending it again is safe."""
+
+
+class RecordsRejected(TransactionAborted):
     """Kafka refused some records of the transaction for what they are (too large, for example); the
     transaction was aborted, so nothing of it is in the log. `rejected` maps each refused record's index
     to the caller's error; the other records are innocent and may be sent again."""
@@ -67,6 +72,7 @@ class TransactionalProducer:
             "delivery.timeout.ms": min(settings.delivery_timeout_ms, transaction_timeout_ms),
             "linger.ms": 0,  # the writer batches whole transactions itself
             "message.max.bytes": settings.max_record_bytes,
+            "retry.backoff.ms": 10,
         }
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"txn-{transactional_id}")
         self._producer: Producer | None = None
@@ -173,7 +179,7 @@ class TransactionalProducer:
             }
             if refused:
                 return RecordsRejected(f"{self.transactional_id}: {len(refused)} record(s) refused", refused)
-            return BackendUnavailable(f"Kafka transaction aborted: {error.str()}")
+            return TransactionAborted(f"Kafka transaction aborted: {error.str()}")
         # A commit that timed out may have succeeded: the only safe answer is to re-read the log.
         self._producer = None
         return OutcomeUnknown(f"{self.transactional_id}: commit outcome unknown: {error.str()}")

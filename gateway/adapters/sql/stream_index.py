@@ -8,6 +8,7 @@ indexes an event twice or skips one. ReadStream and head recovery read here, nev
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -97,17 +98,21 @@ class StreamIndex:
         self._engine = database.engine
         self._dialect = self._engine.dialect.name
         self._ready = False
+        self._creating = threading.Lock()
 
     def ensure_tables(self) -> None:
-        """Create the tables if missing (idempotent; called before first use)."""
+        """Create the tables if missing (idempotent, thread-safe; called before first use)."""
         if self._ready:
             return
-        with _translated("creating the stream index tables"):
-            SQLModel.metadata.create_all(
-                self._engine,
-                tables=[t.__table__ for t in (StreamEventRow, StreamHeadRow, IndexProgressRow, IndexMetaRow)],  # type: ignore[union-attr]
-            )
-        self._ready = True
+        tables = [t.__table__ for t in (StreamEventRow, StreamHeadRow, IndexProgressRow, IndexMetaRow)]  # type: ignore[union-attr]
+        with self._creating, _translated("creating the stream index tables"):
+            if self._ready:
+                return
+            try:
+                SQLModel.metadata.create_all(self._engine, tables=tables)
+            except SQLAlchemyError:  # another gateway created them at the same moment: look again
+                SQLModel.metadata.create_all(self._engine, tables=tables)
+            self._ready = True
 
     def _session(self) -> Session:
         self.ensure_tables()
