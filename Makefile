@@ -16,7 +16,7 @@ DEFINITIONS ?= examples/definitions.yaml
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup run up down test unit gen check-gen lint bench clean
+.PHONY: setup run up down test unit gen check-gen lint bench soak clean
 
 setup: $(VENV)/.synced
 
@@ -59,6 +59,12 @@ down:
 ## test: set up, check generated code and lint, then run the whole suite against a real Kafka and Redis
 test: check-gen lint
 	$(VENV)/bin/pytest
+
+## soak: load-idle cycles for SOAK_S seconds (default 600) against a gateway on the dev stack; prints what it saw
+SOAK_S ?= 600
+soak: setup
+	$(KPG) dev up
+	eval "$$($(KPG) dev env)" && $(VENV)/bin/python loadtest/soak.py --duration $(SOAK_S)
 
 ## unit: the fast tier only (no broker)
 unit: setup

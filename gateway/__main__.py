@@ -90,7 +90,9 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     async def create_topics() -> None:
         topics = definitions.topics_to_create(settings.kafka.default_partitions)
         specs = [TopicSpec(name, parts) for name, parts in topics.items()]
-        specs += events.topics() + read_models.topics()  # request-reply creates its reply topic in start()
+        # Later specs win (the event store configures its dead-letter topics); request-reply creates its
+        # reply topic in its start().
+        specs += read_models.topics() + events.topics()
         created = await admin.ensure_topics(specs)
         if created:
             log.info("created topics: %s", ", ".join(sorted(created)))
@@ -121,6 +123,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
             read_models_router(read_models),
             request_reply_router(requests),
         ],
+        max_body_bytes=settings.rest.max_body_bytes,
     )
     rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app)
 

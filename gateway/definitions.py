@@ -18,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.domain.projections import DeclarativeHandler, check_expression
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+# Always matched with fullmatch: `$` would also accept a trailing newline ("orders\n").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
 # Kafka's own rule for topic names.
-TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-PYTHON_REF_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-FIELD_PART_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
+PYTHON_REF_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+FIELD_PART_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 class DefinitionsError(ValueError):
@@ -34,7 +35,7 @@ class _Def(BaseModel):
 
 
 def check_category_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"category {name!r} must be 1-200 characters of [A-Za-z0-9._:@-]")
     if name.startswith(("kpg.", "_")):
         raise ValueError(f"category {name!r} must not start with 'kpg.' or '_'")
@@ -42,7 +43,7 @@ def check_category_name(name: str) -> str:
 
 
 def check_topic_name(topic: str) -> str:
-    if not TOPIC_PATTERN.match(topic) or topic in {".", ".."}:
+    if not TOPIC_PATTERN.fullmatch(topic) or topic in {".", ".."}:
         raise ValueError(f"topic {topic!r} is not a valid Kafka topic name")
     return topic
 
@@ -93,7 +94,7 @@ class HandlerDef(_Def):
 
 
 def check_field_path(field: str, where: str) -> None:
-    if not all(FIELD_PART_PATTERN.match(part) for part in field.split(".")):
+    if not all(FIELD_PART_PATTERN.fullmatch(part) for part in field.split(".")):
         raise ValueError(f"{where}: {field!r} must be a dotted path of names of [A-Za-z0-9_-]")
 
 
@@ -105,7 +106,7 @@ class ReadModelDef(_Def):
     @field_validator("python")
     @classmethod
     def _python(cls, value: str | None) -> str | None:
-        if value is not None and not PYTHON_REF_PATTERN.match(value):
+        if value is not None and not PYTHON_REF_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} must look like 'package.module:function'")
         return value
 

@@ -55,6 +55,9 @@ class GrpcSettings(_Frozen):
 class RestSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # A request body over this is refused (PAYLOAD_TOO_LARGE) before it is parsed: a 4 MiB append as JSON
+    # or base64 needs room above 4 MiB.
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
 
 class HealthSettings(_Frozen):

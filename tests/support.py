@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.devstack.processes import free_port
+from gateway.devstack.processes import free_ports
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -23,8 +23,7 @@ class GatewayProcess:
     """`kpg serve` as a user runs it, on free ports, with its output in a log file."""
 
     def __init__(self, workdir: Path, *, env: Mapping[str, str], args: list[str] | None = None) -> None:
-        self.grpc_port = free_port()
-        self.rest_port = free_port()
+        self.grpc_port, self.rest_port = free_ports(2)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"gateway-{self.grpc_port}.log"
@@ -96,7 +95,7 @@ async def wait_for_health(
         while True:
             async with grpc.aio.insecure_channel(target) as channel:
                 try:
-                    await channel.channel_ready()
+                    await _ready(channel, process)
                     stub = health_pb2_grpc.HealthStub(channel)
                     async for update in stub.Watch(health_pb2.HealthCheckRequest(service=service)):
                         if update.status == status:
@@ -106,6 +105,19 @@ async def wait_for_health(
             if process is not None and process.process is not None and process.process.poll() is not None:
                 raise AssertionError(f"gateway exited with {process.process.returncode}:\n{process.log()}")
             await asyncio.sleep(0.1)
+
+
+async def _ready(channel: grpc.aio.Channel, process: GatewayProcess | None) -> None:
+    """Wait for the channel to connect, failing at once if the gateway process has exited."""
+    while True:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), 0.5)
+            return
+        except TimeoutError:
+            if process is not None and process.process is not None and process.process.poll() is not None:
+                raise AssertionError(
+                    f"gateway exited with {process.process.returncode}:\n{process.log()}"
+                ) from None
 
 
 async def eventually(

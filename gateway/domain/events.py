@@ -11,10 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from typing import NoReturn
 
 from gateway.errors import FieldViolation, InvalidArgument, PayloadTooLarge
 
-NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+# Matched with fullmatch: `$` would also accept a trailing newline ("orders\n").
+NAME = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
 JSON_CONTENT_TYPES = ("application/json", "text/json")
 DEFAULT_CONTENT_TYPE = "application/json"
 META_PREFIX = "kpg-meta-"
@@ -113,12 +115,23 @@ class AppendResult:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_events: int = 1000
-    max_event_bytes: int = 1024 * 1024
-    max_append_bytes: int = 4 * 1024 * 1024
+    max_event_bytes: int = 1024 * 1024  # one event's data
+    max_append_bytes: int = 4 * 1024 * 1024  # every record of the append: key, data and headers
+    max_metadata_entries: int = 64  # per event
+    max_metadata_value_bytes: int = 8 * 1024  # one metadata value, UTF-8
+
+
+# Kafka's integer widths: versions and offsets are int64, partitions int32.
+MAX_INT64 = 2**63 - 1
+MAX_PARTITION = 2**31 - 1
+# To size a record's headers before its version and time are known: ce_time has a fixed width, and
+# ce_streamversion is at its widest at int64's maximum.
+_ANY_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+_WIDEST_VERSION = MAX_INT64
 
 
 def check_name(field_name: str, value: str, *, category: bool = False) -> None:
-    if not NAME.match(value):
+    if not NAME.fullmatch(value):
         raise InvalidArgument.field(field_name, "must be 1-200 characters of [A-Za-z0-9._:@-]")
     if category and value.startswith(("kpg.", "_")):
         raise InvalidArgument.field(field_name, "must not start with 'kpg.' or '_'")
@@ -152,30 +165,72 @@ def validate_append(request: AppendRequest, limits: Limits) -> None:
         if event.event_id in seen:
             raise InvalidArgument.field(f"{where}.event_id", "repeats an event id of this append")
         seen.add(event.event_id)
-        for key in event.metadata:
-            if not _printable(key):
-                raise InvalidArgument.field(
-                    f"{where}.metadata", f"key {key!r} must be 1-200 printable characters"
-                )
+        if not _printable(event.content_type):
+            raise InvalidArgument.field(f"{where}.content_type", "must be 1-200 printable characters")
+        _check_metadata(where, event.metadata, limits)
         if len(event.data) > limits.max_event_bytes:
-            raise PayloadTooLarge(
-                f"{where}.data is {len(event.data)} bytes; the limit is {limits.max_event_bytes}",
-                metadata={"limit": str(limits.max_event_bytes), "field": f"{where}.data"},
-            )
-        total += len(event.data)
+            _too_large(f"{where}.data", len(event.data), limits.max_event_bytes)
         if is_json(event.content_type):
-            try:
-                json.loads(event.data)
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise InvalidArgument(
-                    f"{where}.data is not valid JSON ({exc}) but its content type is {event.content_type}",
-                    violations=(FieldViolation(f"{where}.data", "not valid JSON"),),
-                ) from None
-    if total > limits.max_append_bytes:
-        raise PayloadTooLarge(
-            f"the append carries {total} bytes of data; the limit is {limits.max_append_bytes}",
-            metadata={"limit": str(limits.max_append_bytes)},
-        )
+            _check_json(where, event)
+        total += record_size(request, event)
+        if total > limits.max_append_bytes:  # checked as it grows: a huge header costs one encoding
+            raise PayloadTooLarge(
+                f"the append's records carry at least {total} bytes (keys, data and headers); "
+                f"the limit is {limits.max_append_bytes}",
+                metadata={"limit": str(limits.max_append_bytes), "field": "events"},
+                violations=(FieldViolation("events", f"at most {limits.max_append_bytes} bytes"),),
+            )
+
+
+def record_size(request: AppendRequest, event: NewEvent) -> int:
+    """An upper bound of the bytes of the record an event becomes: key, data and every header."""
+    headers = event_headers(request, event, _WIDEST_VERSION, _ANY_TIME)
+    return (
+        len(request.stream_id.encode())
+        + len(event.data)
+        + sum(len(name.encode()) + len(value) for name, value in headers)
+    )
+
+
+def _check_metadata(where: str, metadata: Mapping[str, str], limits: Limits) -> None:
+    if len(metadata) > limits.max_metadata_entries:
+        _too_large(f"{where}.metadata", len(metadata), limits.max_metadata_entries, unit="entries")
+    for key, value in metadata.items():
+        if not _printable(key):
+            raise InvalidArgument.field(
+                f"{where}.metadata", f"key {key!r} must be 1-200 printable characters"
+            )
+        size = len(value.encode())
+        if size > limits.max_metadata_value_bytes:
+            _too_large(f"{where}.metadata[{key}]", size, limits.max_metadata_value_bytes)
+
+
+def _check_json(where: str, event: NewEvent) -> None:
+    try:
+        strict_json(event.data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidArgument(
+            f"{where}.data is not valid JSON ({why}) but its content type is {event.content_type}",
+            violations=(FieldViolation(f"{where}.data", "not valid JSON"),),
+        ) from None
+
+
+def strict_json(text: str | bytes) -> object:
+    """json.loads without the non-standard NaN, Infinity and -Infinity (ValueError, like any bad JSON)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_large(field_name: str, size: int, limit: int, *, unit: str = "bytes") -> NoReturn:
+    raise PayloadTooLarge(
+        f"{field_name} has {size} {unit}; the limit is {limit}",
+        metadata={"limit": str(limit), "field": field_name},
+        violations=(FieldViolation(field_name, f"at most {limit} {unit}"),),
+    )
 
 
 def is_json(content_type: str) -> bool:
@@ -317,6 +372,20 @@ def partition_for(stream_id: str, partitions: int) -> int:
 
 # --- Positions: opaque to clients ----------------------------------------------------------------------
 
+# Room for what the gateway issues at worst (10,000 partitions at int64 offsets: ~360,000 characters).
+MAX_POSITION_CHARS = 512 * 1024
+MAX_POSITION_PARTITIONS = 10_000
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_PARTITION = re.compile(r"0|[1-9][0-9]{0,9}")  # canonical decimal: no sign, blanks, "_" or leading zeros
+
+
+def _not_a_position(field_name: str) -> InvalidArgument:
+    return InvalidArgument.field(field_name, "is not a position this gateway issued")
+
+
+def _no_float(text: str) -> NoReturn:
+    raise ValueError(f"{text} is not an integer")
+
 
 @dataclass(frozen=True, slots=True)
 class Position:
@@ -331,11 +400,34 @@ class Position:
 
     @classmethod
     def decode(cls, text: str, *, field_name: str = "position") -> Position:
+        """Strict: a topic name and int32 partitions to int64 offsets, or INVALID_ARGUMENT."""
+        if len(text) > MAX_POSITION_CHARS:
+            raise InvalidArgument.field(field_name, f"is longer than {MAX_POSITION_CHARS} characters")
+        if not _BASE64URL.fullmatch(text):
+            raise _not_a_position(field_name)
         try:
-            body = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            return cls(str(body["t"]), {int(p): int(o) for p, o in body["o"].items()})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise InvalidArgument.field(field_name, "is not a position this gateway issued") from None
+            body = json.loads(
+                base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)),
+                parse_constant=_no_constant,
+                parse_float=_no_float,
+            )
+        except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError are ValueErrors
+            raise _not_a_position(field_name) from None
+        if not isinstance(body, dict) or body.keys() != {"t", "o"}:
+            raise _not_a_position(field_name)
+        topic, offsets = body["t"], body["o"]
+        if not isinstance(topic, str) or not 1 <= len(topic) <= 249 or not isinstance(offsets, dict):
+            raise _not_a_position(field_name)
+        if len(offsets) > MAX_POSITION_PARTITIONS:
+            raise InvalidArgument.field(field_name, f"names more than {MAX_POSITION_PARTITIONS} partitions")
+        decoded: dict[int, int] = {}
+        for partition, offset in offsets.items():
+            if not _PARTITION.fullmatch(partition) or int(partition) > MAX_PARTITION:
+                raise _not_a_position(field_name)
+            if type(offset) is not int or not 0 <= offset <= MAX_INT64:  # not bool, not float
+                raise _not_a_position(field_name)
+            decoded[int(partition)] = offset
+        return cls(topic, decoded)
 
     @classmethod
     def after(cls, topic: str, partition: int, offset: int) -> Position:

@@ -158,7 +158,10 @@ class EventStore:
         for name, category in self._definitions.categories.items():
             topic = self._definitions.category_topic(name)
             partitions = category.partitions or self._kafka.default_partitions
-            specs += [TopicSpec(topic, partitions, config), TopicSpec(dlt_topic(topic), partitions)]
+            specs += [
+                TopicSpec(topic, partitions, config),
+                TopicSpec(dlt_topic(topic), partitions, {"max.message.bytes": config["max.message.bytes"]}),
+            ]
         return specs
 
     # --- AppendEvents ----------------------------------------------------------------------------------
@@ -200,7 +203,11 @@ class EventStore:
                 await self._admin.ensure_topics(
                     [
                         TopicSpec(topic, partitions, event_topic_config(self._kafka)),
-                        TopicSpec(dlt_topic(topic), partitions),
+                        TopicSpec(
+                            dlt_topic(topic),
+                            partitions,
+                            {"max.message.bytes": str(self._kafka.max_record_bytes)},
+                        ),
                     ]
                 )
                 live = await self._admin.partitions(topic)
@@ -331,6 +338,12 @@ class EventStore:
         Reading the log itself (not the index) for both phases means there is no switch-over at which an
         event could be missed or repeated; resuming from a position continues exactly after it."""
         topic = self.topic_of(category)
+        if self._subscribers >= self._settings.max_subscribers:
+            raise RateLimited(
+                f"this gateway serves {self._settings.max_subscribers} subscriptions already",
+                retry_after_ms=1000,
+                metadata={"limit": str(self._settings.max_subscribers)},
+            )
         partitions = list(range(await self._partition_count(topic)))
         if stream_id:
             check_name("stream_id", stream_id)
@@ -528,38 +541,46 @@ class PartitionWriter:
             _reject(pending, error)
 
     async def _run(self) -> None:
-        idle_release_s = max(1.0, self.settings.lease_ttl_ms / 1000)
-        try:
-            while not self._closing or self._pending:
-                if self._handoff or self._lease_lost:
-                    await self._release()
-                self._drop_done()
-                if not self._pending:
-                    if self._closing:
-                        break
-                    if self._producer is None or time.monotonic() - self._last_write > idle_release_s:
-                        await self._release()
-                        if not self._pending:
-                            return  # idle: the next submit starts a new task
-                        continue
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), 0.05)
-                    except TimeoutError:
-                        pass
-                    continue
-                try:
-                    await self._ensure_writer()
-                except GatewayError as exc:
-                    self._fail_pending(exc)
-                    continue
-                await self._write_batch()
-        except Exception as exc:
-            log.exception("writer %s failed", self.lease_name)
-            self._fail_pending(BackendUnavailable(f"the writer of {self.lease_name} failed: {exc}"))
-        finally:
-            if self._closing or not self._pending:
+        """The writer task. It ends only right after seeing no pending append, with no await between that
+        look and the end: an append submitted while it winds down is never left without a task."""
+        while True:
+            try:
+                await self._serve()
+            except Exception as exc:
+                log.exception("writer %s failed", self.lease_name)
+                self._fail_pending(BackendUnavailable(f"the writer of {self.lease_name} failed: {exc}"))
                 await self._release()
+            if not self._pending or self._closing:
+                return
+
+    async def _serve(self) -> None:
+        idle_release_s = max(1.0, self.settings.lease_ttl_ms / 1000)
+        while True:
+            if self._handoff or self._lease_lost:
+                await self._release()
+            self._drop_done()
+            if not self._pending:
+                if (
+                    self._closing
+                    or self._producer is None
+                    or time.monotonic() - self._last_write > idle_release_s
+                ):
+                    await self._release()
+                    if not self._pending or self._closing:
+                        return  # idle: the next submit starts a new task
+                    continue
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), 0.05)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                await self._ensure_writer()
+            except GatewayError as exc:
+                self._fail_pending(exc)
+                continue
+            await self._write_batch()
 
     # --- taking over the partition ---------------------------------------------------------------------
 

@@ -1,17 +1,24 @@
 """request-reply over Kafka: sync and async, with the correlation state in Redis.
 
-Reply topic design (see the README): one shared reply topic consumed by one consumer group that every
-instance joins. Whichever instance consumes a reply stores it in Redis (if its request is still waiting)
-and publishes the correlation id; the instance holding the caller is woken by that notification (and
-re-checks Redis every second, should a notification be lost). A rebalance only moves which instance
-stores replies: offsets are committed after the store, so a reply is never lost, and since the store is
-shared nothing can be stolen. Per-instance reply topics would save the Redis hop but leave orphaned topics
-behind every instance that goes away, and still need Redis for async GetReply from another instance.
+Reply topic design (see the README): one reply topic per deployment (the gateways sharing one Redis),
+consumed by one consumer group that every instance of the deployment joins. Whichever instance consumes a
+reply stores it in Redis (if its request is still waiting) and publishes the correlation id; the instance
+holding the caller is woken by that notification (and re-checks Redis every second, should a notification
+be lost). A rebalance only moves which instance stores replies: offsets are committed after the store, so a
+reply is never lost, and since the store is shared nothing can be stolen. The topic and group are named
+after the deployment id kept in Redis (unless configured), so two deployments on one Kafka cluster never
+consume each other's replies (a reply stored in the other deployment's Redis would be lost). Per-instance
+reply topics would save the Redis hop but leave orphaned topics behind every instance that goes away, and
+still need Redis for async GetReply from another instance.
+
+Invariants: a request is sent only once its pending record is in Redis, and a request whose send fails (or
+is cancelled) has that record removed again, so the caller may retry with the same correlation id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -21,28 +28,27 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, FailurePolicy, KafkaAdmin, Record, TopicSpec
 from gateway.adapters.redis import CorrelationStore, ReplyState
 from gateway.definitions import Definitions
+from gateway.domain.dead_letters import dlt_topic
 from gateway.domain.request_reply import (
-    RESERVED_PREFIXES,
+    ProtectedTopics,
     Reply,
     ReplyStatus,
     Request,
+    RequestLimits,
     correlation_of,
     reply_headers,
+    reply_names,
     request_headers,
+    validate_request,
 )
-from gateway.errors import (
-    BackendUnavailable,
-    InvalidArgument,
-    NotFound,
-    PayloadTooLarge,
-    ReplyTimeout,
-    TopicNotAllowed,
-)
+from gateway.errors import BackendUnavailable, InvalidArgument, NotFound, ReplyTimeout, TopicNotAllowed
+from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.idempotency import Idempotency
 from gateway.settings import KafkaSettings, RequestReplySettings
+from gateway.tasks import bounded, raise_if_cancelling, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -75,39 +81,75 @@ class RequestReply:
         idempotency: Idempotency,
     ) -> None:
         self._settings = settings
+        self._kafka = kafka
         self._definitions = definitions
         self._admin = admin
         self._store = store
         self._idempotency = idempotency
+        self._limits = RequestLimits(settings.max_payload_bytes, settings.max_timeout_ms)
         # This path only: no linger, no Nagle, short fetch waits (latency over batching).
         self._producer = AsyncProducer(kafka, **{"linger.ms": 0, "socket.nagle.disable": True})
-        self._consumer = ConsumerRunner(
-            kafka,
-            group_id=settings.reply_group,
-            topics=[settings.reply_topic],
-            handler=self._on_replies,
-            linger_s=0.0,
-            synchronous_commit=False,  # a redelivered reply is only a 'duplicate'
-            poll_timeout_s=0.1,
-            **_LOW_LATENCY_CONSUMER,
+        # Known once start() has asked Redis for the deployment id; until then requests are refused.
+        self._reply_topic = ""
+        self._protected = ProtectedTopics(
+            frozenset(definitions.category_topic(c) for c in definitions.categories),
+            any_events=definitions.allow_undeclared_categories,
         )
+        self._consumer: ConsumerRunner | None = None
+        self._started = False
+        self._starting = asyncio.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._cleanups: set[asyncio.Task[bool]] = set()
         self._topics: dict[str, bool] = {}
 
-    def topics(self) -> list[TopicSpec]:
-        return [TopicSpec(self._settings.reply_topic, self._settings.reply_topic_partitions)]
-
     async def start(self) -> None:
-        await self._consumer.start()
-        self._listener = asyncio.create_task(self._listen(), name="request-reply-notifications")
+        """Name the deployment's reply topic and group, create the topic, consume replies. Needs Kafka and
+        Redis. Idempotent: once it has succeeded a second call does nothing; after a failure (a backend
+        went away half-way) the next call resumes where it stopped."""
+        async with self._starting:
+            if self._started:
+                return
+            topic, group = await self._resolve_reply_names()
+            partitions = self._settings.reply_topic_partitions
+            created = await self._admin.ensure_topics(
+                [TopicSpec(topic, partitions), TopicSpec(dlt_topic(topic), partitions)]
+            )
+            if created:
+                log.info("created reply topic %s", topic)
+            if self._consumer is None:
+                self._consumer = ConsumerRunner(
+                    self._kafka,
+                    group_id=group,
+                    topics=[topic],
+                    handler=self._on_replies,
+                    policy=FailurePolicy(dead_letter=DeadLetterWriter(self._producer)),
+                    linger_s=0.0,
+                    synchronous_commit=False,  # a redelivered reply is only a 'duplicate'
+                    poll_timeout_s=0.1,
+                    **_LOW_LATENCY_CONSUMER,
+                )
+            await self._consumer.start()
+            if self._listener is None:
+                self._listener = asyncio.create_task(self._listen(), name="request-reply-notifications")
+            self._reply_topic = topic
+            self._protected = replace(self._protected, reply_topic=topic)
+            self._started = True
+            log.info("request-reply: replies on topic %s, consumer group %s", topic, group)
 
-    async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-        await self._consumer.stop()
-        await self._producer.close()
+    async def _resolve_reply_names(self) -> tuple[str, str]:
+        """The configured reply topic and group, each derived from the deployment id when left empty."""
+        topic, group = self._settings.reply_topic, self._settings.reply_group
+        if topic and group:
+            return topic, group
+        derived_topic, derived_group = reply_names(await self._store.deployment_id())
+        return topic or derived_topic, group or derived_group
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        await stop_task(self._listener, 2.0)
+        if self._consumer is not None:
+            await self._consumer.stop(timeout_s)
+        await bounded(self._producer.close(timeout_s), timeout_s + 1.0, what="closing the request producer")
 
     # --- the API ---------------------------------------------------------------------------------------
 
@@ -151,24 +193,15 @@ class RequestReply:
     # --- sending and waiting -----------------------------------------------------------------------------
 
     async def _validate(self, request: Request) -> None:
-        if not request.topic:
-            raise InvalidArgument.field("topic", "is required")
-        if not self._definitions.request_reply.allows(request.topic):
-            raise TopicNotAllowed(
-                f"topic {request.topic!r} is not in request_reply.topics", metadata={"topic": request.topic}
-            )
-        if len(request.payload) + len(request.key) > self._settings.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"the request is over {self._settings.max_payload_bytes} bytes",
-                metadata={"limit": str(self._settings.max_payload_bytes)},
-            )
-        if request.timeout_ms > self._settings.max_timeout_ms:
-            raise InvalidArgument.field("timeout_ms", f"must be at most {self._settings.max_timeout_ms}")
-        if len(request.correlation_id) > 200 or not request.correlation_id.isprintable():
-            raise InvalidArgument.field("correlation_id", "must be 1-200 printable characters")
-        for name in request.headers:
-            if name.startswith(RESERVED_PREFIXES):
-                raise InvalidArgument.field(f"headers[{name}]", "kpg-* and kafka_* headers are the gateway's")
+        if request.topic:
+            # Event, dead-letter, reply and internal topics are refused even when the allowlist matches.
+            self._protected.check(request.topic)
+            if not self._definitions.request_reply.allows(request.topic):
+                raise TopicNotAllowed(
+                    f"topic {request.topic!r} is not in request_reply.topics",
+                    metadata={"topic": request.topic},
+                )
+        validate_request(request, self._limits)
         if not await self._topic_exists(request.topic):
             raise NotFound(f"topic {request.topic!r} does not exist", metadata={"topic": request.topic})
 
@@ -184,22 +217,47 @@ class RequestReply:
         return request.timeout_ms or self._settings.default_timeout_ms
 
     async def _send(self, request: Request) -> str:
-        timeout_ms = self._timeout_ms(request)
+        """Record the request in Redis, then produce it. If producing fails in any way (cancellation
+        included) the record is removed before the error goes on, so the correlation id is free again."""
+        if not self._started:
+            raise BackendUnavailable("request-reply is starting: its reply topic is not known yet")
+        reply_topic = self._reply_topic
+        owner = uuid.uuid4().hex
         deadline_ms = await self._store.expect(
             request.correlation_id,
-            timeout_ms=timeout_ms,
+            owner=owner,
+            timeout_ms=self._timeout_ms(request),
             reply_ttl_ms=self._settings.reply_ttl_ms,
-            reply_topic=self._settings.reply_topic,
+            reply_topic=reply_topic,
         )
         if deadline_ms == 0:
             raise InvalidArgument.field("correlation_id", "is already in use by another request")
-        await self._producer.produce(
-            request.topic,
-            request.payload,
-            key=request.key or None,
-            headers=request_headers(request, reply_topic=self._settings.reply_topic, deadline_ms=deadline_ms),
-        )
+        try:
+            await self._producer.produce(
+                request.topic,
+                request.payload,
+                key=request.key or None,
+                headers=request_headers(request, reply_topic=reply_topic, deadline_ms=deadline_ms),
+            )
+        except BaseException:
+            await self._forget(request.correlation_id, owner)
+            raise
         return request.correlation_id
+
+    async def _forget(self, correlation_id: str, owner: str) -> None:
+        """Remove the pending record `_send` made. Shielded, so a second cancellation cannot cut it short;
+        a Redis failure is logged, not raised (the record then expires on its own), so the caller sees
+        the send's own error; cancellation still propagates."""
+        cleanup = asyncio.ensure_future(self._store.forget(correlation_id, owner=owner))
+        self._cleanups.add(cleanup)  # the loop keeps only weak references to tasks
+        cleanup.add_done_callback(self._cleanup_done)
+        with contextlib.suppress(Exception):  # logged by _cleanup_done; a cancellation still propagates
+            await asyncio.shield(cleanup)
+
+    def _cleanup_done(self, cleanup: asyncio.Task[bool]) -> None:
+        self._cleanups.discard(cleanup)
+        if not cleanup.cancelled() and cleanup.exception() is not None:
+            log.warning("could not withdraw an unsent request (%s); it expires", cleanup.exception())
 
     async def _request(self, request: Request) -> Reply:
         waiter = self._waiters.setdefault(request.correlation_id, _Waiter())
@@ -269,6 +327,7 @@ class RequestReply:
                         waiter.reply = reply
                         waiter.event.set()
             except BackendUnavailable as exc:
+                raise_if_cancelling()
                 log.warning("request-reply notifications: %s; resubscribing", exc)
                 await asyncio.sleep(1.0)
 

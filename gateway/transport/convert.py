@@ -7,8 +7,11 @@ convert in exactly one place. Event `data` with a JSON content type travels over
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
@@ -17,6 +20,7 @@ from kpg.v1 import event_store_pb2, read_models_pb2, request_reply_pb2
 
 from gateway.domain.events import (
     DEFAULT_CONTENT_TYPE,
+    MAX_INT64,
     AppendRequest,
     AppendResult,
     Expectation,
@@ -28,8 +32,20 @@ from gateway.domain.events import (
     new_event_id,
 )
 from gateway.domain.request_reply import Reply, ReplyStatus, Request
-from gateway.errors import InvalidArgument
+from gateway.errors import FieldViolation, InvalidArgument
 from gateway.services.read_models import Document, FieldFilter, ReadModelStatus
+
+# uint32 fields are bounded by protobuf itself, but a REST query parameter is any integer.
+MAX_UINT32 = 2**32 - 1
+
+
+def check_range(field: str, value: int, maximum: int) -> int:
+    """An integer field that reaches SQL, Kafka or a timer: 0..maximum, or INVALID_ARGUMENT naming it.
+    uint64 fields can carry up to 2^64-1, but versions and offsets are int64 everywhere behind us."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise InvalidArgument.field(field, f"must be an integer from 0 to {maximum}")
+    return value
+
 
 _EXPECTED_STATE = {
     event_store_pb2.EXPECTED_STATE_UNSPECIFIED: Expectation.ANY,
@@ -42,7 +58,9 @@ _EXPECTED_STATE = {
 def append_from_pb(message: event_store_pb2.AppendEventsRequest) -> AppendRequest:
     match message.WhichOneof("expectation"):
         case "expected_version":
-            expected = Expected(Expectation.EXACT, message.expected_version)
+            expected = Expected(
+                Expectation.EXACT, check_range("expected_version", message.expected_version, MAX_INT64)
+            )
         case "expected_state":
             if message.expected_state not in _EXPECTED_STATE:
                 raise InvalidArgument.field("expected_state", f"unknown value {message.expected_state}")
@@ -108,6 +126,58 @@ def _after(event: StoredEvent) -> str:
     return Position.after(event.topic, event.partition, event.offset).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class ReadStreamQuery:
+    """A ReadStream request, from gRPC or REST alike; its integers are checked when it is made."""
+
+    category: str
+    stream_id: str
+    from_version: int = 0
+    max_count: int = 0
+    backwards: bool = False
+    min_position: str = ""
+    wait_timeout_ms: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("from_version", self.from_version, MAX_INT64)
+        check_range("max_count", self.max_count, MAX_UINT32)
+        check_range("wait_timeout_ms", self.wait_timeout_ms, MAX_UINT32)
+
+
+def read_stream_from_pb(message: event_store_pb2.ReadStreamRequest) -> ReadStreamQuery:
+    return ReadStreamQuery(
+        category=message.category,
+        stream_id=message.stream_id,
+        from_version=message.from_version,
+        max_count=message.max_count,
+        backwards=message.backwards,
+        min_position=message.min_position,
+        wait_timeout_ms=message.wait_timeout_ms,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeQuery:
+    """A Subscribe request, from gRPC or REST (SSE) alike."""
+
+    category: str
+    stream_id: str = ""
+    from_version: int = 0
+    from_position: str = ""
+
+    def __post_init__(self) -> None:
+        check_range("from_version", self.from_version, MAX_INT64)
+
+
+def subscribe_from_pb(message: event_store_pb2.SubscribeRequest) -> SubscribeQuery:
+    return SubscribeQuery(
+        category=message.category,
+        stream_id=message.stream_id,
+        from_version=message.from_version,
+        from_position=message.from_position,
+    )
+
+
 # --- REST: proto3 JSON, with JSON event data as JSON values -------------------------------------------
 
 
@@ -119,7 +189,23 @@ def parse_json(body: dict[str, Any], message: Message) -> None:
     try:
         json_format.ParseDict(body, message)
     except json_format.ParseError as exc:
-        raise InvalidArgument(f"invalid request body: {exc}") from None
+        violation = FieldViolation(_parse_error_field(str(exc)), str(exc))
+        raise InvalidArgument(f"invalid request body: {exc}", violations=(violation,)) from None
+
+
+# protobuf names the bad field "... at AppendEventsRequest.events[0].type", "Failed to parse limit field" or
+# 'has no field named "nope" at "AppendEventsRequest.events[0]"'.
+_PARSE_ERROR_UNKNOWN = re.compile(r'has no field named "([^"]*)" at "[A-Za-z_]\w*\.?([^"]*)"')
+_PARSE_ERROR_AT = re.compile(r" at [A-Za-z_]\w*\.(\S+?)\.*(?:\s|$)")
+_PARSE_ERROR_FIELD = re.compile(r"Failed to parse (\w+) field")
+
+
+def _parse_error_field(message: str) -> str:
+    if found := _PARSE_ERROR_UNKNOWN.search(message):
+        return f"{found.group(2)}.{found.group(1)}" if found.group(2) else found.group(1)
+    if found := _PARSE_ERROR_AT.search(message):
+        return found.group(1)
+    return ".".join(_PARSE_ERROR_FIELD.findall(message)) or "body"
 
 
 def append_body_to_pb(body: Any, *, category: str, stream_id: str) -> event_store_pb2.AppendEventsRequest:
@@ -144,11 +230,25 @@ def _event_body(event: Any, index: int) -> Any:
         return event
     event = dict(event)
     content_type = event.get("contentType") or event.get("content_type") or DEFAULT_CONTENT_TYPE
+    if not isinstance(content_type, str):
+        return event  # protobuf's parser names the bad field
     if is_json(content_type):
         event["data"] = base64.b64encode(json.dumps(event["data"]).encode()).decode()
-    elif not isinstance(event["data"], str):
+    elif not isinstance(event["data"], str) or not _is_base64(event["data"]):
         raise InvalidArgument.field(f"events[{index}].data", "must be base64 for a non-JSON content type")
     return event
+
+
+_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _is_base64(text: str) -> bool:
+    """Standard or URL-safe base64, padded or not, as proto3 JSON accepts (protobuf drops bad characters)."""
+    try:
+        base64.b64decode(text.translate(_URLSAFE) + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
 
 
 def event_to_json(event: StoredEvent, *, position: str = "") -> dict[str, Any]:

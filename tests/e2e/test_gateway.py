@@ -144,7 +144,11 @@ async def test_operations_routes_and_metrics(gateway: GatewayProcess) -> None:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
         metrics = (await http.get("/metrics")).text
-    assert ready.status_code == 200 and ready.json()["backends"] == {"kafka": True, "redis": True}
+    assert ready.status_code == 200 and ready.json()["backends"] == {
+        "kafka": True,
+        "redis": True,
+        "database": True,
+    }
     assert 'kpg_requests_total{code="UNIMPLEMENTED",rpc="Sagas.GetSaga",transport="grpc"}' in metrics
     assert 'kpg_request_errors_total{reason="UNIMPLEMENTED",rpc="Sagas.GetSaga",transport="grpc"}' in metrics
     assert 'kpg_request_duration_seconds_bucket{le="0.005",rpc="Sagas.GetSaga",transport="grpc"}' in metrics

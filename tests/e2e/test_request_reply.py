@@ -1,5 +1,6 @@
 """request-reply through running gateways: a Python responder (kpg.responder), a Spring-style one, two
-instances sharing the correlation state in Redis, timeouts and late replies."""
+instances sharing the correlation state in Redis, two deployments sharing one Kafka, timeouts, late
+replies, failed sends and the requests a caller may not send."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -24,6 +25,15 @@ from kpg.responder import IncomingRequest, Response, serve_requests
 from kpg.v1 import request_reply_pb2 as rr
 from redis.asyncio import Redis
 
+from gateway.adapters.kafka import KafkaAdmin, TopicSpec
+from gateway.adapters.redis import CorrelationStore, IdempotencyStore, RedisClient
+from gateway.definitions import parse_definitions
+from gateway.devstack.processes import free_port
+from gateway.domain.request_reply import Request
+from gateway.errors import GatewayError
+from gateway.services.idempotency import Idempotency, IdempotencySettings
+from gateway.services.request_reply import RequestReply
+from gateway.settings import KafkaSettings, RequestReplySettings
 from tests.conftest import Backends
 from tests.support import SERVING, GatewayProcess, eventually, wait_for_health
 
@@ -44,20 +54,29 @@ class Setup:
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    async def gateway(self) -> GatewayProcess:
+    async def gateway(
+        self,
+        *,
+        redis_url: str | None = None,
+        derived_reply_names: bool = False,
+        definitions: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> GatewayProcess:
+        environment = {
+            "KPG_KAFKA__BOOTSTRAP_SERVERS": self.backends.bootstrap_servers,
+            "KPG_REDIS__URL": redis_url or self.backends.redis_url,
+            "KPG_REQUEST_REPLY__REPLY_TTL_MS": str(REPLY_TTL_MS),
+            "KPG_REQUEST_REPLY__MAX_PAYLOAD_BYTES": "10000",
+        }
+        if not derived_reply_names:
+            # A reply topic and group of this test's own: gateways killed by other tests stay members of
+            # a shared group until their session times out.
+            environment["KPG_REQUEST_REPLY__REPLY_TOPIC"] = self.topic("replies")
+            environment["KPG_REQUEST_REPLY__REPLY_GROUP"] = f"{self.prefix}-replies"
         process = GatewayProcess(
             self.workdir / f"gw{len(self.gateways)}",
-            env={
-                "KPG_KAFKA__BOOTSTRAP_SERVERS": self.backends.bootstrap_servers,
-                "KPG_REDIS__URL": self.backends.redis_url,
-                # A reply topic and group of this test's own: gateways killed by other tests stay members of
-                # a shared group until their session times out.
-                "KPG_REQUEST_REPLY__REPLY_TOPIC": self.topic("replies"),
-                "KPG_REQUEST_REPLY__REPLY_GROUP": f"{self.prefix}-replies",
-                "KPG_REQUEST_REPLY__REPLY_TTL_MS": str(REPLY_TTL_MS),
-                "KPG_REQUEST_REPLY__MAX_PAYLOAD_BYTES": "10000",
-            },
-            args=["--definitions", str(self.definitions)],
+            env={**environment, **(env or {})},
+            args=["--definitions", str(definitions or self.definitions)],
         ).start()
         self.gateways.append(process)
         await wait_for_health(process.target, SERVING, process=process)
@@ -349,3 +368,210 @@ async def test_bad_requests_get_the_contract_errors(setup: Setup) -> None:
             assert (response.status_code, response.json()["error"]["reason"]) == (status, reason), (
                 response.text
             )
+
+
+def _pending_key(correlation_id: str) -> str:
+    return f"kpg:rr:pending:{correlation_id}"
+
+
+async def test_a_request_kafka_refuses_frees_its_correlation_id_for_the_retry(setup: Setup) -> None:
+    # The gateway's own limit lets the payload through; Kafka's 1 MB record limit refuses it.
+    gateway = await setup.gateway(env={"KPG_REQUEST_REPLY__MAX_PAYLOAD_BYTES": "4000000"})
+    await setup.responder("echo", _echo)
+    correlation_id = f"retry-{uuid.uuid4().hex}"
+    redis = Redis.from_url(setup.backends.redis_url)
+    try:
+        async with GatewayClient(gateway.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.requests.Request(
+                    rr.RequestMessage(
+                        topic=setup.topic("echo"),
+                        payload=b"x" * 1_100_000,
+                        correlation_id=correlation_id,
+                        timeout_ms=20_000,
+                    )
+                )
+            assert error_details(refused.value).reason == "PAYLOAD_TOO_LARGE"
+            assert not await redis.exists(_pending_key(correlation_id))  # withdrawn, not kept for 5 min
+            reply = await client.requests.Request(
+                rr.RequestMessage(
+                    topic=setup.topic("echo"),
+                    payload=b"small",
+                    correlation_id=correlation_id,
+                    timeout_ms=20_000,
+                )
+            )
+        assert (reply.status, reply.payload, reply.correlation_id) == (
+            rr.REPLY_STATUS_REPLIED,
+            b"re:small",
+            correlation_id,
+        )
+    finally:
+        await redis.aclose()
+
+
+async def test_a_failed_or_cancelled_send_withdraws_its_pending_record(setup: Setup) -> None:
+    """In-process, on the real Redis, with a producer whose broker never answers: the one way to make a
+    send fail, or cancel it, half-way on purpose. (Topics are created through the real broker.)"""
+    backends = setup.backends
+    topic, reply_topic = setup.topic("unanswered"), setup.topic("replies")
+    admin = KafkaAdmin(backends.kafka())
+    await admin.ensure_topics([TopicSpec(topic, 1)])
+    client = RedisClient(backends.redis())
+    service = RequestReply(
+        settings=RequestReplySettings(reply_topic=reply_topic, reply_group=f"{setup.prefix}-replies"),
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", delivery_timeout_ms=3_000),
+        definitions=parse_definitions({"request_reply": {"topics": [topic]}}),
+        admin=admin,
+        store=CorrelationStore(client),
+        idempotency=Idempotency(IdempotencyStore(client), IdempotencySettings()),
+    )
+    try:
+        await service.start()
+        await service.start()  # idempotent
+
+        failed = f"failed-{uuid.uuid4().hex}"
+        with pytest.raises(GatewayError) as raised:  # the send's own error, not the clean-up's
+            await service.submit(Request(topic, b"", b"x", {}, 60_000, failed))
+        assert raised.value.reason.name in {"BACKEND_UNAVAILABLE", "NOT_FOUND"}, raised.value
+        assert not await client.redis.exists(_pending_key(failed))
+
+        cancelled = f"cancelled-{uuid.uuid4().hex}"
+        sending = asyncio.create_task(service.submit(Request(topic, b"", b"x", {}, 60_000, cancelled)))
+
+        async def recorded() -> bool:
+            return bool(await client.redis.exists(_pending_key(cancelled)))
+
+        await eventually(recorded, timeout_s=10, interval_s=0.01)
+        assert not sending.done()  # waiting for the broker's acknowledgement
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert not await client.redis.exists(_pending_key(cancelled))
+    finally:
+        await service.stop()
+        await client.close()
+        await admin.delete_topics([topic, reply_topic])
+
+
+async def test_two_deployments_on_one_kafka_each_get_their_own_replies(setup: Setup) -> None:
+    """Deployments A (two gateways) and B (one) share the Kafka cluster, each with its own Redis. Every
+    reply reaches its caller: each deployment consumes its own reply topic, named after its id."""
+    base = setup.backends.redis_url.rsplit("/", 1)[0]
+    urls = {"A": f"{base}/1", "B": f"{base}/2"}
+    redises = {name: Redis.from_url(url) for name, url in urls.items()}
+    deployment_ids: dict[str, str] = {}
+    try:
+        for redis in redises.values():
+            # A fresh id per run: an earlier run's group would still list its killed gateways as members.
+            await redis.delete(CorrelationStore.DEPLOYMENT_KEY)
+        gateways = {
+            "A1": await setup.gateway(redis_url=urls["A"], derived_reply_names=True),
+            "A2": await setup.gateway(redis_url=urls["A"], derived_reply_names=True),
+            "B": await setup.gateway(redis_url=urls["B"], derived_reply_names=True),
+        }
+        for name, redis in redises.items():
+            raw = await redis.get(CorrelationStore.DEPLOYMENT_KEY)
+            assert isinstance(raw, bytes)
+            deployment_ids[name] = raw.decode()
+        assert deployment_ids["A"] != deployment_ids["B"]
+        await setup.responder("echo", _echo)
+
+        async def call(gateway: str, n: int) -> tuple[str, int, rr.ReplyMessage]:
+            async with GatewayClient(gateways[gateway].target) as client:
+                reply = await client.requests.Request(
+                    rr.RequestMessage(
+                        topic=setup.topic("echo"), payload=f"{gateway}:{n}".encode(), timeout_ms=30_000
+                    )
+                )
+            return gateway, n, reply
+
+        results = await asyncio.gather(*(call(g, n) for g in gateways for n in range(60)))
+        for caller, n, reply in results:
+            assert reply.status == rr.REPLY_STATUS_REPLIED and reply.payload == f"re:{caller}:{n}".encode()
+            assert reply.reply_topic == f"kpg.replies.{deployment_ids[caller[0]]}"
+        stored = {name: _stored(await _metrics(g), "stored") for name, g in gateways.items()}
+        unknown = {name: _stored(await _metrics(g), "unknown") for name, g in gateways.items()}
+        # No gateway consumed a reply of the other deployment (it would count it 'unknown').
+        assert (stored["A1"] + stored["A2"], stored["B"]) == (120, 60), stored
+        assert set(unknown.values()) == {0.0}, unknown
+    finally:
+        for process in setup.gateways:
+            process.kill()
+        for redis in redises.values():
+            await redis.delete(CorrelationStore.DEPLOYMENT_KEY)
+            await redis.aclose()
+        admin = KafkaAdmin(setup.backends.kafka())
+        ours = {f"kpg.replies.{i}" for i in deployment_ids.values()} & set(await admin.list_topics())
+        if ours:
+            await admin.delete_topics(ours)
+
+
+async def _refused(
+    client: GatewayClient,
+    http: httpx.AsyncClient,
+    message: rr.RequestMessage,
+    reason: str,
+    status: int,
+    field: str | None = None,
+) -> None:
+    """The same refusal over gRPC and over REST (with the field violation, when one is named)."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await client.requests.Request(message)
+    details = error_details(raised.value)
+    assert details.reason == reason, (message, details)
+    if field is not None:
+        assert field in details.field_violations, details
+    body: dict[str, object] = {"payload": base64.b64encode(message.payload).decode()}
+    if message.headers:
+        body["headers"] = dict(message.headers)
+    if message.timeout_ms:
+        body["timeoutMs"] = message.timeout_ms
+    response = await http.post(f"/v1/requests/{message.topic}", json=body)
+    error = response.json()["error"]
+    assert (response.status_code, error["reason"]) == (status, reason), response.text
+    if field is not None:
+        assert field in [v["field"] for v in error["fieldViolations"]], response.text
+
+
+async def test_a_request_cannot_forge_events_or_reach_event_and_internal_topics(setup: Setup) -> None:
+    prefix = setup.prefix
+    definitions = setup.workdir / "protected.yaml"
+    # The allowlist matches every topic below: what is refused is refused whatever the allowlist says.
+    definitions.write_text(
+        "categories:\n"
+        f"  {prefix}-orders: {{topic: {prefix}.maybe-orders}}\n"
+        f"  {prefix}-payments: {{}}\n"
+        "request_reply:\n"
+        f'  topics: ["{prefix}.echo", "{prefix}.*", "{prefix}-*", "kpg.*", "_*"]\n'
+    )
+    gateway = await setup.gateway(definitions=definitions)
+    forbidden_topics = [
+        f"{prefix}.maybe-orders",  # a category's own topic
+        f"{prefix}-payments.events",  # a category's default topic
+        f"{prefix}.echo.DLT",
+        setup.topic("replies"),  # the gateway's reply topic: a request there would pass for a reply
+        "kpg.replies",
+        "kpg.anything",
+        "_schemas",
+        "__consumer_offsets",
+    ]
+    echo = setup.topic("echo")
+    async with (
+        GatewayClient(gateway.target) as client,
+        httpx.AsyncClient(base_url=gateway.rest_url, timeout=30) as http,
+    ):
+        for topic in forbidden_topics:
+            await _refused(
+                client, http, rr.RequestMessage(topic=topic, payload=b"{}"), "TOPIC_NOT_ALLOWED", 403
+            )
+        for name in ["ce_type", "CE_ID", "Ce_Source", "content-type", "Content-Type", "KPG-Reply-Topic", ""]:
+            message = rr.RequestMessage(topic=echo, payload=b"{}", headers={name: "forged"})
+            await _refused(client, http, message, "INVALID_ARGUMENT", 400, field=f"headers[{name}]")
+        message = rr.RequestMessage(topic=echo, payload=b"{}", headers={"bad\x01name": "v"})
+        await _refused(client, http, message, "INVALID_ARGUMENT", 400, field="headers[bad\\x01name]")
+        # Headers are part of the record: the size limit (10,000 bytes here) counts them.
+        message = rr.RequestMessage(
+            topic=echo, payload=b"x" * 9_900, headers={"x-big": "v" * 100}, timeout_ms=1_000
+        )
+        await _refused(client, http, message, "PAYLOAD_TOO_LARGE", 413)

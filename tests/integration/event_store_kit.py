@@ -140,8 +140,8 @@ def versions_on_kafka(backends: Backends, topic: str, stream: str, partitions: i
             if message.error():
                 break  # end of partition
             headers = dict(message.headers() or [])
-            if message.key() == stream.encode() and b"ce_streamversion" in {k.encode() for k in headers}:
-                found.append(int(headers["ce_streamversion"]))
+            if message.key() == stream.encode() and "ce_streamversion" in headers:
+                found.append(int(headers["ce_streamversion"] or b"0"))
     finally:
         consumer.close()
     return found

@@ -10,13 +10,19 @@ import random
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
 from confluent_kafka import TopicPartition
-from confluent_kafka.admin import AdminClient, NewPartitions
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewPartitions,
+    ResourceType,
+)
 
-from gateway.domain.events import Expectation, Expected, partition_for
+from gateway.domain.events import AppendResult, Expectation, Expected, partition_for
 from gateway.errors import (
     BackendUnavailable,
     IdempotencyKeyInFlight,
@@ -49,7 +55,7 @@ async def test_taking_a_partition_never_waits_for_the_index(
     topic, category = f"it.lag.{unique}.events", f"lag{unique}"
     streams = [f"s{i}" for i in range(20)]
     first_db, second_db = tmp_path / "first.db", tmp_path / "second.db"
-    kw = {"category": category, "topic": topic, "partitions": 2, "start_indexer": False}
+    kw: dict[str, Any] = {"category": category, "topic": topic, "partitions": 2, "start_indexer": False}
     async with event_store(backends, first_db, **kw) as first:
         for _ in range(5):
             await asyncio.gather(*(first.store.append(append(category, s)) for s in streams))
@@ -78,7 +84,7 @@ async def test_history_deleted_before_it_was_indexed_is_refused_not_guessed(
     backends: Backends, tmp_path: Path, unique: str
 ) -> None:
     topic, category = f"it.gone.{unique}.events", f"gone{unique}"
-    kw = {"category": category, "topic": topic, "start_indexer": False}
+    kw: dict[str, Any] = {"category": category, "topic": topic, "start_indexer": False}
     async with event_store(backends, tmp_path / "a.db", **kw) as writer:
         for _ in range(3):
             await writer.store.append(append(category, "s"))
@@ -96,8 +102,6 @@ async def test_history_deleted_before_it_was_indexed_is_refused_not_guessed(
 async def test_event_topics_are_kept_forever_and_hold_large_records(
     backends: Backends, tmp_path: Path, unique: str
 ) -> None:
-    from confluent_kafka.admin import ConfigResource, ResourceType
-
     topic, category = f"it.keep.{unique}.events", f"keep{unique}"
     async with event_store(backends, tmp_path / "k.db", category=category, topic=topic):
         pass
@@ -206,7 +210,7 @@ async def test_callers_that_give_up_never_fail_the_others(
             ]
             quitters = set(random.sample(range(100), 50))
 
-            async def quit_later(call: asyncio.Future[object]) -> None:
+            async def quit_later(call: asyncio.Future[AppendResult]) -> None:
                 await asyncio.sleep(random.uniform(0, 0.03))
                 call.cancel()
 

@@ -28,7 +28,7 @@ async def test_health_follows_redis(backends: Backends, tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=gateway.rest_url) as http:
             not_ready = await http.get("/readyz")
             assert not_ready.status_code == 503
-            assert not_ready.json()["backends"] == {"kafka": True, "redis": False}
+            assert not_ready.json()["backends"] == {"kafka": True, "redis": False, "database": True}
             assert (await http.get("/healthz")).status_code == 200
 
             redis.start(find_redis_server())

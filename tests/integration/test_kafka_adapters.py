@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.kafka import (
+    AsyncProducer,
+    ConsumerRunner,
+    FailurePolicy,
+    KafkaAdmin,
+    Record,
+    TopicSpec,
+)
 from gateway.devstack.processes import free_port
 from gateway.errors import BackendUnavailable, NotFound
 from tests.conftest import Backends
@@ -88,7 +95,11 @@ async def test_committed_offsets_are_not_redelivered_and_failures_are_retried(
                 done.set()
 
         runner = ConsumerRunner(
-            backends.kafka(), group_id=group, topics=[topic], handler=flaky, retry_backoff_s=0.05
+            backends.kafka(),
+            group_id=group,
+            topics=[topic],
+            handler=flaky,
+            policy=FailurePolicy(backoff_s=0.05),
         )
         await runner.start()
         await asyncio.wait_for(done.wait(), 60)

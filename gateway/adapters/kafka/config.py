@@ -32,6 +32,9 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         # few seconds is missing for real: report it then, not after the 30 s default.
         "topic.metadata.propagation.max.ms": 3000,
         "delivery.timeout.ms": settings.delivery_timeout_ms,
+        # Above librdkafka's 1,000,000-byte default: an event at the 1 MiB limit, or its dead letter with
+        # the error headers, must not be refused by the client.
+        "message.max.bytes": settings.max_record_bytes,
         "request.timeout.ms": min(settings.request_timeout_ms, settings.delivery_timeout_ms),
         **settings.extra,
     }

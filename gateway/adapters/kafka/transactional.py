@@ -71,7 +71,6 @@ class TransactionalProducer:
             "transaction.timeout.ms": transaction_timeout_ms,
             "delivery.timeout.ms": min(settings.delivery_timeout_ms, transaction_timeout_ms),
             "linger.ms": 0,  # the writer batches whole transactions itself
-            "message.max.bytes": settings.max_record_bytes,
             "retry.backoff.ms": 10,
         }
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"txn-{transactional_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
@@ -91,10 +92,13 @@ class ReplyLookup:
 
 
 class CorrelationStore:
-    """Request-reply correlation shared by every instance: `kpg:rr:pending:<id>` (deadline, reply topic)
-    and `kpg:rr:reply:<id>` (the reply), both expiring; a stored reply is announced on `CHANNEL`."""
+    """Request-reply correlation shared by every instance: `kpg:rr:pending:<id>` (deadline, reply topic,
+    owner) and `kpg:rr:reply:<id>` (the reply), both expiring; a stored reply is announced on `CHANNEL`.
+    `kpg:deployment-id` names the deployment (every gateway sharing this Redis): created once, never
+    expiring, so every instance and every restart agrees on it."""
 
     CHANNEL = "kpg:rr:replied"
+    DEPLOYMENT_KEY = "kpg:deployment-id"
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
@@ -103,14 +107,32 @@ class CorrelationStore:
     def _keys(correlation_id: str) -> list[str]:
         return [f"kpg:rr:pending:{correlation_id}", f"kpg:rr:reply:{correlation_id}"]
 
+    async def deployment_id(self) -> str:
+        """This deployment's id: the first instance to ask creates it (random hex), the others read it."""
+        redis = self._client.redis
+        while True:
+            await self._client.call(redis.set, self.DEPLOYMENT_KEY, secrets.token_hex(8), nx=True)
+            value = await self._client.call(redis.get, self.DEPLOYMENT_KEY)
+            if value is not None:  # else deleted between the two calls: create it again
+                return value.decode() if isinstance(value, bytes) else str(value)
+
     async def expect(
-        self, correlation_id: str, *, timeout_ms: int, reply_ttl_ms: int, reply_topic: str
+        self, correlation_id: str, *, owner: str, timeout_ms: int, reply_ttl_ms: int, reply_topic: str
     ) -> int:
-        """Record the request; its deadline (epoch ms, the server's clock), or 0 if the id is in use."""
+        """Record the request; its deadline (epoch ms, the server's clock), or 0 if the id is in use.
+        `owner` is a token of this request: only `forget` with the same token removes the record."""
         keys = self._keys(correlation_id)[:1]
         return int(
-            await self._client.run_script("reply_expect", keys, [timeout_ms, reply_ttl_ms, reply_topic])
+            await self._client.run_script(
+                "reply_expect", keys, [timeout_ms, reply_ttl_ms, reply_topic, owner]
+            )
         )
+
+    async def forget(self, correlation_id: str, *, owner: str) -> bool:
+        """Remove the request `owner` recorded (and any reply kept for it), so its id is free again; a
+        record another request made under the same id is left alone. True when it was removed."""
+        removed = await self._client.run_script("reply_forget", self._keys(correlation_id), [owner])
+        return bool(removed)
 
     async def store(self, correlation_id: str, reply: bytes, *, reply_ttl_ms: int) -> str:
         """'stored', 'late', 'unknown' or 'duplicate' (see reply_store.lua)."""

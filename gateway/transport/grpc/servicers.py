@@ -107,14 +107,15 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
     async def ReadStream(
         self, request: event_store_pb2.ReadStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> event_store_pb2.ReadStreamResponse:
+        query = convert.read_stream_from_pb(request)
         events, head = await self._store.read_stream(
-            request.category,
-            request.stream_id,
-            from_version=request.from_version,
-            max_count=request.max_count,
-            backwards=request.backwards,
-            min_position=request.min_position,
-            wait_timeout_ms=request.wait_timeout_ms,
+            query.category,
+            query.stream_id,
+            from_version=query.from_version,
+            max_count=query.max_count,
+            backwards=query.backwards,
+            min_position=query.min_position,
+            wait_timeout_ms=query.wait_timeout_ms,
         )
         return event_store_pb2.ReadStreamResponse(
             events=[convert.event_to_pb(e) for e in events], stream_version=head
@@ -123,11 +124,12 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
     async def Subscribe(  # type: ignore[override]  # a coroutine that writes, to time each write out
         self, request: event_store_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        query = convert.subscribe_from_pb(request)
         events = await self._store.subscribe(
-            request.category,
-            request.stream_id,
-            from_version=request.from_version,
-            from_position=request.from_position,
+            query.category,
+            query.stream_id,
+            from_version=query.from_version,
+            from_position=query.from_position,
         )
         async for event, position in events:
             try:

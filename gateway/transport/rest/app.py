@@ -12,11 +12,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import NotImplementedYet
+from gateway.errors import NotImplementedYet, PayloadTooLarge
 from gateway.observability import observe
 from gateway.services.health import BackendMonitor
-from gateway.transport.rest.errors import install_error_handlers
+from gateway.transport.rest.errors import error_response, install_error_handlers
+
+# A 4 MiB append travels as base64 or JSON text, which is bigger than 4 MiB: leave room for it.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 # (method, path, rpc, pattern): the contract's REST routes that later issues implement.
 PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
@@ -36,7 +40,12 @@ PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
 ]
 
 
-def create_rest_app(*, monitor: BackendMonitor, routers: Sequence[APIRouter] = ()) -> FastAPI:
+def create_rest_app(
+    *,
+    monitor: BackendMonitor,
+    routers: Sequence[APIRouter] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(
         title="Kafka Pattern Gateway",
         version="v1",
@@ -44,6 +53,8 @@ def create_rest_app(*, monitor: BackendMonitor, routers: Sequence[APIRouter] = (
         "The same API over gRPC is declared in proto/kpg/v1.",
     )
     install_error_handlers(app)
+    # Added before `measure`, so it runs inside it: refused bodies are counted like any other answer.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -93,6 +104,74 @@ def create_rest_app(*, monitor: BackendMonitor, routers: Sequence[APIRouter] = (
             responses={501: {"description": "not implemented yet"}},
         )
     return app
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with PAYLOAD_TOO_LARGE before anything parses it: at once
+    when Content-Length says so, else as soon as the streamed (chunked) body passes the limit."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if received > self.max_bytes:
+                return  # the app's answer to a body cut short is replaced by the 413 below
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            # The framework may wrap _BodyTooLarge in an error of its own: what matters is the count.
+            if received <= self.max_bytes:
+                raise
+        if received > self.max_bytes and not started:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLarge(
+            f"the request body is larger than {self.max_bytes} bytes",
+            metadata={"limit": str(self.max_bytes), "field": "body"},
+        )
+        await error_response(error)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app when a streamed body passes the limit; BodyLimit answers for it."""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server rejects such a request before it reaches the app
+    return None
 
 
 def _not_implemented(rpc: str, pattern: str) -> Callable[[], Awaitable[None]]:

@@ -45,13 +45,14 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
     async def read_stream(
         category: str,
         stream_id: str,
-        from_version: Annotated[int, Query(alias="fromVersion", ge=0)] = 0,
-        max_count: Annotated[int, Query(alias="maxCount", ge=0)] = 0,
+        # Ranges are checked by convert.ReadStreamQuery, as for gRPC, so a bad field has one name.
+        from_version: Annotated[int, Query(alias="fromVersion")] = 0,
+        max_count: Annotated[int, Query(alias="maxCount")] = 0,
         backwards: bool = False,
         min_position: Annotated[str, Query(alias="minPosition")] = "",
-        wait_timeout_ms: Annotated[int, Query(alias="waitTimeoutMs", ge=0)] = 0,
+        wait_timeout_ms: Annotated[int, Query(alias="waitTimeoutMs")] = 0,
     ) -> dict[str, Any]:
-        events, head = await store.read_stream(
+        query = convert.ReadStreamQuery(
             category,
             stream_id,
             from_version=from_version,
@@ -59,6 +60,15 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
             backwards=backwards,
             min_position=min_position,
             wait_timeout_ms=wait_timeout_ms,
+        )
+        events, head = await store.read_stream(
+            query.category,
+            query.stream_id,
+            from_version=query.from_version,
+            max_count=query.max_count,
+            backwards=query.backwards,
+            min_position=query.min_position,
+            wait_timeout_ms=query.wait_timeout_ms,
         )
         return {"events": [convert.event_to_json(e) for e in events], "streamVersion": str(head)}
 
@@ -71,13 +81,19 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
     async def subscribe(
         category: str,
         stream_id: Annotated[str, Query(alias="streamId")] = "",
-        from_version: Annotated[int, Query(alias="fromVersion", ge=0)] = 0,
+        from_version: Annotated[int, Query(alias="fromVersion")] = 0,
         from_position: Annotated[str, Query(alias="fromPosition")] = "",
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:
         """Server-Sent Events: `id` is the position after the event (EventSource resumes with it)."""
-        events = await store.subscribe(
+        query = convert.SubscribeQuery(
             category, stream_id, from_version=from_version, from_position=last_event_id or from_position
+        )
+        events = await store.subscribe(
+            query.category,
+            query.stream_id,
+            from_version=query.from_version,
+            from_position=query.from_position,
         )
         return _SseResponse(_sse(events), write_timeout_s=write_timeout_s)
 
