@@ -107,9 +107,7 @@ async def takeovers(kafka: KafkaSettings, redis_url: str, rounds: int) -> None:
                 started = time.perf_counter()
                 await fresh.append(_append("after-lag"))
                 took = 1000 * (time.perf_counter() - started)
-            print(
-                f"first take-over with the index {lag:>6} events behind (read from the log): {took:.0f} ms"
-            )
+            print(f"first take-over with the index {lag:>6} events behind (read from the log): {took:.0f} ms")
 
 
 async def read_after_append(target: str, rounds: int) -> None:
