@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
+from confluent_kafka import Consumer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.devstack.processes import free_ports
@@ -118,6 +120,21 @@ async def _ready(channel: grpc.aio.Channel, process: GatewayProcess | None) -> N
                 raise AssertionError(
                     f"gateway exited with {process.process.returncode}:\n{process.log()}"
                 ) from None
+
+
+def checking_consumer(bootstrap_servers: str, **config: object) -> Consumer:
+    """A plain confluent-kafka consumer (read_committed, no group offsets) to check what is on Kafka
+    without going through the gateway."""
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"check-{uuid.uuid4()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **config,
+        }
+    )
 
 
 async def eventually(

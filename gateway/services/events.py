@@ -732,6 +732,17 @@ class PartitionWriter:
                 _reject(pending, failure)
             raise
 
+    def _retry(self, pendings: list[_Pending], error: GatewayError, *, count: bool) -> None:
+        """Queue appends again (counting the attempt when `count`); those out of attempts fail."""
+        again = []
+        for pending in pendings:
+            pending.attempts += 1 if count else 0
+            if pending.attempts < MAX_ATTEMPTS:
+                again.append(pending)
+            else:
+                _reject(pending, error)
+        self._requeue(again)
+
     def _requeue(self, pendings: list[_Pending]) -> None:
         """Put appends back at the front of the queue, in their order."""
         for pending in reversed(pendings):
@@ -864,27 +875,15 @@ class PartitionWriter:
                     _reject(plan.pending, errors[0])
                     continue
                 plan.pending.alone = plan.pending.alone or bool(errors)
-                if not rejected:
-                    plan.pending.attempts += 1
-                if plan.pending.attempts < MAX_ATTEMPTS:
-                    again.append(plan.pending)
-                else:
-                    _reject(plan.pending, exc)
-            self._requeue(again)
+                again.append(plan.pending)
+            self._retry(again, exc, count=not rejected)
             return
         except (WriterFenced, OutcomeUnknown) as exc:
             # Not written (fenced: aborted) or unknown: re-take the partition, which reads the log from
             # where this writer knew it; a retry finds its own events by id if they did land.
             log.warning("writer %s: %s", self.lease_name, exc)
             await self._release()
-            retry = []
-            for plan in plans:
-                plan.pending.attempts += 1
-                if plan.pending.attempts < MAX_ATTEMPTS:
-                    retry.append(plan.pending)
-                else:
-                    _reject(plan.pending, exc)
-            self._requeue(retry)
+            self._retry([plan.pending for plan in plans], exc, count=True)
             return
         except GatewayError as exc:
             for plan in plans:

@@ -14,14 +14,14 @@ from typing import cast
 import grpc
 import httpx
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
 from redis.asyncio import Redis
 
 from gateway.domain.events import Position, partition_for
 from tests.conftest import Backends
-from tests.support import GatewayProcess, eventually
+from tests.support import GatewayProcess, checking_consumer, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +32,7 @@ def _event(event_type: str = "OrderPlaced", **data: object) -> es.EventData:
 
 def _landed(backends: Backends, topic: str, stream_id: str) -> list[tuple[int, str]]:
     """(version, ce_id) of every record of the stream on Kafka, read with a plain read_committed consumer."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": backends.bootstrap_servers,
-            "group.id": f"check-{uuid.uuid4()}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = checking_consumer(backends.bootstrap_servers)
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
         found = []

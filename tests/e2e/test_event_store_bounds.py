@@ -20,6 +20,7 @@ from kpg.v1 import event_store_pb2 as es
 from gateway.devstack.postgres import PostgresNode, find_postgres_bin
 from gateway.devstack.processes import free_port, wait_until
 from tests.conftest import Backends
+from tests.e2e.conftest import example_gateway
 from tests.support import NOT_SERVING, SERVING, GatewayProcess, wait_for_health
 
 pytestmark = pytest.mark.e2e
@@ -27,24 +28,17 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 async def bounded_gateway(
-    backends: Backends, tmp_path_factory: pytest.TempPathFactory, repo_root: Path
+    backends: Backends, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[GatewayProcess]:
-    process = GatewayProcess(
-        tmp_path_factory.mktemp("bounded"),
-        env={
-            "KPG_KAFKA__BOOTSTRAP_SERVERS": backends.bootstrap_servers,
-            "KPG_REDIS__URL": backends.redis_url,
-            "KPG_EVENTS__MAX_SUBSCRIBERS": "2",
-            "KPG_EVENTS__MAX_QUEUED_EVENTS": "50",
-            "KPG_EVENTS__READ_MAX_WAIT_MS": "2000",
-        },
-        args=["--definitions", str(repo_root / "examples" / "definitions.yaml")],
-    ).start()
-    try:
-        await wait_for_health(process.target, SERVING, process=process)
+    env = {
+        "KPG_KAFKA__BOOTSTRAP_SERVERS": backends.bootstrap_servers,
+        "KPG_REDIS__URL": backends.redis_url,
+        "KPG_EVENTS__MAX_SUBSCRIBERS": "2",
+        "KPG_EVENTS__MAX_QUEUED_EVENTS": "50",
+        "KPG_EVENTS__READ_MAX_WAIT_MS": "2000",
+    }
+    async with example_gateway(tmp_path_factory.mktemp("bounded"), env) as process:
         yield process
-    finally:
-        process.kill()
 
 
 def _events(count: int) -> list[es.EventData]:
@@ -130,19 +124,14 @@ def own_postgres() -> Iterator[PostgresNode]:
 
 
 async def test_readiness_follows_the_database(
-    backends: Backends, tmp_path: Path, repo_root: Path, own_postgres: PostgresNode
+    backends: Backends, tmp_path: Path, own_postgres: PostgresNode
 ) -> None:
-    process = GatewayProcess(
-        tmp_path,
-        env={
-            "KPG_KAFKA__BOOTSTRAP_SERVERS": backends.bootstrap_servers,
-            "KPG_REDIS__URL": backends.redis_url,
-            "KPG_DATABASE__URL": own_postgres.url,
-        },
-        args=["--definitions", str(repo_root / "examples" / "definitions.yaml")],
-    ).start()
-    try:
-        await wait_for_health(process.target, SERVING, process=process)
+    env = {
+        "KPG_KAFKA__BOOTSTRAP_SERVERS": backends.bootstrap_servers,
+        "KPG_REDIS__URL": backends.redis_url,
+        "KPG_DATABASE__URL": own_postgres.url,
+    }
+    async with example_gateway(tmp_path, env) as process:
         own_postgres.stop()
         await wait_for_health(process.target, NOT_SERVING, process=process, timeout_s=30)
         async with httpx.AsyncClient(base_url=process.rest_url) as http:
@@ -158,5 +147,3 @@ async def test_readiness_follows_the_database(
             )
             read = await kpg.events.ReadStream(es.ReadStreamRequest(category="orders", stream_id=stream))
             assert read.stream_version == 1
-    finally:
-        process.kill()

@@ -8,7 +8,6 @@ import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -19,6 +18,7 @@ from kpg.v1 import request_reply_pb2 as rr
 
 from gateway.devstack import DevStack
 from gateway.devstack.processes import Managed
+from tests.e2e.conftest import example_gateway
 from tests.support import NOT_SERVING, SERVING, GatewayProcess, wait_for_health
 
 pytestmark = pytest.mark.e2e
@@ -38,27 +38,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 
 
 @pytest.fixture(scope="module")
-async def gateway(
-    stack: DevStack, tmp_path_factory: pytest.TempPathFactory, repo_root: Path
-) -> AsyncIterator[GatewayProcess]:
+async def gateway(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayProcess]:
     info = stack.info()
     assert info is not None
-    process = GatewayProcess(
-        tmp_path_factory.mktemp("outage-gateway"),
-        env={
-            **info.env(),
-            "KPG_EVENTS__SUBSCRIBER_WRITE_TIMEOUT_MS": str(WRITE_TIMEOUT_MS),
-            "KPG_EVENTS__APPEND_TIMEOUT_MS": "4000",
-            "KPG_KAFKA__DELIVERY_TIMEOUT_MS": "3000",
-            "KPG_KAFKA__REQUEST_TIMEOUT_MS": "2000",
-        },
-        args=["--definitions", str(repo_root / "examples" / "definitions.yaml")],
-    ).start()
-    try:
-        await wait_for_health(process.target, SERVING, process=process)
+    env = {
+        **info.env(),
+        "KPG_EVENTS__SUBSCRIBER_WRITE_TIMEOUT_MS": str(WRITE_TIMEOUT_MS),
+        "KPG_EVENTS__APPEND_TIMEOUT_MS": "4000",
+        "KPG_KAFKA__DELIVERY_TIMEOUT_MS": "3000",
+        "KPG_KAFKA__REQUEST_TIMEOUT_MS": "2000",
+    }
+    async with example_gateway(tmp_path_factory.mktemp("outage-gateway"), env) as process:
         yield process
-    finally:
-        process.kill()
 
 
 async def _append_big(client: GatewayClient, stream: str, batches: int) -> None:

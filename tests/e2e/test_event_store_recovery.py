@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import pytest
 import redis.asyncio
-from confluent_kafka import Consumer, IsolationLevel, TopicPartition
+from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
@@ -25,7 +25,7 @@ from kpg.v1 import event_store_pb2 as es
 from gateway.devstack.processes import free_port
 from tests.conftest import Backends
 from tests.e2e.test_event_store import _landed
-from tests.support import SERVING, GatewayProcess, wait_for_health
+from tests.support import SERVING, GatewayProcess, checking_consumer, wait_for_health
 
 pytestmark = pytest.mark.e2e
 
@@ -185,14 +185,7 @@ def _wait_until_settled(backends: Backends, topic: str, timeout_s: float) -> Non
 def _streams_on_kafka(backends: Backends, topic: str) -> dict[str, list[tuple[int, str]]]:
     """Per stream (record key), (version, ce_id) of each record in offset order, as a plain read_committed
     consumer sees the whole (settled) topic; like `_landed`, for every stream of the topic in one pass."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": backends.bootstrap_servers,
-            "group.id": f"check-{uuid.uuid4()}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = checking_consumer(backends.bootstrap_servers)
     try:
         partitions = [
             TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions

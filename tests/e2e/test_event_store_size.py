@@ -19,14 +19,14 @@ from typing import cast
 import grpc
 import httpx
 import pytest
-from confluent_kafka import Consumer, IsolationLevel, TopicPartition
+from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
 
 from gateway.domain.events import partition_for
 from tests.conftest import Backends
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, checking_consumer
 
 pytestmark = pytest.mark.e2e
 
@@ -92,14 +92,7 @@ def _end_offset(backends: Backends, partition: int) -> int:
 def _read(backends: Backends, partition: int, start: int, last: int) -> dict[int, _Record]:
     """Every record a read_committed consumer sees in the partition from `start` through `last` (the
     offset of a record known to be committed), by offset."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": backends.bootstrap_servers,
-            "group.id": f"check-{uuid.uuid4()}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = checking_consumer(backends.bootstrap_servers)
     try:
         consumer.assign([TopicPartition(TOPIC, partition, start)])
         found: dict[int, _Record] = {}

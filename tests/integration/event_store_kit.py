@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, PartitionScanner, TopicSpec
 from gateway.adapters.redis import IdempotencyStore, LeaseStore, RedisClient
@@ -26,6 +26,7 @@ from gateway.services.idempotency import Idempotency, IdempotencySettings
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import EventsSettings, RedisSettings
 from tests.conftest import Backends
+from tests.support import checking_consumer
 
 
 @dataclass
@@ -122,15 +123,7 @@ def exact(version: int) -> Expected:
 def versions_on_kafka(backends: Backends, topic: str, stream: str, partitions: int) -> list[int]:
     """Every version of `stream` in the log (read_committed), in log order, read by a plain consumer."""
     partition = partition_for(stream, partitions)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": backends.bootstrap_servers,
-            "group.id": f"check-{uuid.uuid4().hex}",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    consumer = checking_consumer(backends.bootstrap_servers, **{"enable.partition.eof": True})
     consumer.assign([TopicPartition(topic, partition, 0)])
     found: list[int] = []
     try:
