@@ -299,3 +299,28 @@ def test_index_reports_database_trouble_as_backend_unavailable() -> None:
             index.apply([_event("s", 1, 0)], {("t", 0): 1})
     finally:
         database.close()
+
+
+async def test_the_stream_indexer_starts_once_however_often_start_up_is_retried(
+    backends: Backends, tmp_path: Path, unique: str
+) -> None:
+    from gateway.services.stream_indexer import StreamIndexer
+
+    topic = f"it.once.{unique}.events"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 1)])
+    producer = AsyncProducer(backends.kafka())
+    database = Database(f"sqlite:///{tmp_path / 'once.db'}")
+    indexer = StreamIndexer(
+        backends.kafka(), StreamIndex(database), topics=[topic], dead_letters=DeadLetterWriter(producer)
+    )
+    try:
+        await asyncio.gather(indexer.start(), indexer.start())  # a retried start-up racing the first
+        await indexer.start()
+        runner = indexer._runner
+        assert runner is not None and runner._task is not None and not runner._task.done()
+        loops = [t for t in asyncio.all_tasks() if t.get_name() == f"consumer:{runner.group_id}"]
+        assert len(loops) == 1
+    finally:
+        await indexer.stop(5.0)
+        await producer.close()
+        database.close()
