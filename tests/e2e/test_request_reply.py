@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
 import uuid
 from collections import Counter
@@ -375,7 +376,8 @@ def _pending_key(correlation_id: str) -> str:
 
 
 async def test_a_request_kafka_refuses_frees_its_correlation_id_for_the_retry(setup: Setup) -> None:
-    # The gateway's own limit lets the payload through; Kafka's 1 MB record limit refuses it.
+    # The gateway's own limit lets the payload through; the topic's max.message.bytes (the broker's ~1 MiB
+    # default) refuses it.
     gateway = await setup.gateway(env={"KPG_REQUEST_REPLY__MAX_PAYLOAD_BYTES": "4000000"})
     await setup.responder("echo", _echo)
     correlation_id = f"retry-{uuid.uuid4().hex}"
@@ -386,7 +388,7 @@ async def test_a_request_kafka_refuses_frees_its_correlation_id_for_the_retry(se
                 await client.requests.Request(
                     rr.RequestMessage(
                         topic=setup.topic("echo"),
-                        payload=b"x" * 1_100_000,
+                        payload=os.urandom(1_100_000),  # incompressible: lz4 must not shrink it
                         correlation_id=correlation_id,
                         timeout_ms=20_000,
                     )
