@@ -92,13 +92,6 @@ class AppendRequest:
         digest.update(json.dumps(parts, separators=(",", ":")).encode())
         return digest.hexdigest()
 
-    def implicit_key(self) -> str:
-        """With no idempotency key, client-chosen event ids identify a retry (as in KurrentDB)."""
-        if self.idempotency_key or not all(e.client_id for e in self.events):
-            return self.idempotency_key
-        ids = ",".join(e.event_id for e in self.events)
-        return "event-ids:" + hashlib.sha256(f"{self.category}/{self.stream_id}/{ids}".encode()).hexdigest()
-
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:

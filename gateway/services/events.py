@@ -669,6 +669,7 @@ class PartitionWriter:
 
     async def _renew(self) -> None:
         quantum_s = 0.1
+        failing = False
         while True:
             await asyncio.sleep(self.settings.lease_renew_ms / 1000)
             try:
@@ -677,8 +678,11 @@ class PartitionWriter:
                 )
             except Exception as exc:
                 raise_if_cancelling()  # an interrupted Redis call is a cancellation, not an outage
-                log.warning("writer %s: renewing the lease failed: %s", self.lease_name, exc)
+                if not failing:  # once per outage, not every tick
+                    log.warning("writer %s: renewing the lease failed: %s", self.lease_name, exc)
+                failing = True
                 continue  # Redis is down: Kafka's fencing still keeps writers apart
+            failing = False
             if not held:
                 self._lease_lost = True
                 self._wakeup.set()
