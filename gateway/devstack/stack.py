@@ -17,7 +17,7 @@ from gateway.adapters.kafka.admin import kafka_answers
 from gateway.adapters.redis.client import redis_answers
 from gateway.devstack.kafka import KAFKA_VERSION, KafkaNode, default_cache_dir, find_java, resolve_kafka
 from gateway.devstack.postgres import PostgresNode, find_postgres_bin, url_for
-from gateway.devstack.processes import StackError, ensure_port_free, free_port, wait_until
+from gateway.devstack.processes import StackError, ensure_port_free, free_ports, wait_until
 from gateway.devstack.redis import RedisNode, find_redis_server
 
 __all__ = ["DevStack", "StackError", "StackInfo"]
@@ -98,11 +98,12 @@ class DevStack:
             )
             if previous.postgres_port is not None:
                 postgres_port = previous.postgres_port
+        spare = iter(free_ports(4))  # distinct, so two "any free port" choices never collide
         info = StackInfo(
-            kafka_port=kafka_port or free_port(),
-            controller_port=controller_port or free_port(),
-            redis_port=redis_port or free_port(),
-            postgres_port=None if postgres_port is None else postgres_port or free_port(),
+            kafka_port=kafka_port or next(spare),
+            controller_port=controller_port or next(spare),
+            redis_port=redis_port or next(spare),
+            postgres_port=None if postgres_port is None else postgres_port or next(spare),
         )
         kafka = KafkaNode(self.state_dir, info.kafka_port, info.controller_port)
         redis = RedisNode(self.state_dir, info.redis_port)
