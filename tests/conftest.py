@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +51,9 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
         stack.down()
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A plain `postgresql://user:password@host:port/db` URL of a real server."""
-    configured = os.environ.get("KPG_TEST_POSTGRES_URL")
-    if configured:
-        yield configured
-        return
+@contextmanager
+def started_postgres() -> Iterator[PostgresNode]:
+    """A PostgreSQL server the devstack starts (and removes afterwards)."""
     # Not under pytest's tmp folder: as root the server runs as `postgres`, which cannot enter the 0700
     # /tmp/pytest-of-root.
     state_dir = Path(tempfile.mkdtemp(prefix="kpg-postgres-"))
@@ -64,10 +61,21 @@ def postgres_url() -> Iterator[str]:
     try:
         node.start(find_postgres_bin())
         wait_until(node.answers, what="PostgreSQL", timeout_s=60, process=node.process)
-        yield node.url
+        yield node
     finally:
         node.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A plain `postgresql://user:password@host:port/db` URL of a real server."""
+    configured = os.environ.get("KPG_TEST_POSTGRES_URL")
+    if configured:
+        yield configured
+        return
+    with started_postgres() as node:
+        yield node.url
 
 
 @pytest.fixture

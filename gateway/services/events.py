@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 
 from gateway.adapters.kafka import (
     Delivery,
@@ -89,6 +89,7 @@ TAKEOVER = Histogram(
     "Taking a partition: lease, fencing the previous writer, reading the log the index has not applied",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+SUBSCRIBERS = Gauge("kpg_event_subscribers", "Live Subscribe calls (gRPC and SSE) this gateway serves")
 DERIVED_IDS = uuid.UUID("6f3c2a4e-9a51-4c1e-8d0b-2b7f4b9e6a10")
 
 
@@ -375,6 +376,7 @@ class EventStore:
         self, topic: str, category: str, stream_id: str, start: dict[int, int | None], from_version: int
     ) -> AsyncIterator[tuple[StoredEvent, str]]:
         self._subscribers += 1
+        SUBSCRIBERS.inc()
         tail = TopicTail(self._kafka, topic, start)
         offsets = {p: (o or 0) for p, o in start.items()}
         last_version = max(from_version - 1, 0)
@@ -401,6 +403,7 @@ class EventStore:
                     yield event, Position(topic, dict(offsets)).encode()
         finally:
             self._subscribers -= 1
+            SUBSCRIBERS.dec()
             await tail.close()
 
     async def close(self, timeout_s: float = 10.0) -> None:

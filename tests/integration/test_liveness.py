@@ -33,6 +33,7 @@ from gateway.services.events import PartitionWriter
 from gateway.settings import EventsSettings, RedisSettings
 from gateway.tasks import stop_task
 from tests.conftest import Backends
+from tests.integration.test_kafka_adapters import _collect
 
 pytestmark = pytest.mark.integration
 
@@ -128,26 +129,6 @@ async def test_redis_client_turns_a_hidden_cancellation_back_into_one(backends: 
 # --- the consumer runner's failure policy ----------------------------------------------------------------
 
 
-async def _dead_letters(backends: Backends, topic: str, count: int) -> list[Record]:
-    received: list[Record] = []
-    done = asyncio.Event()
-
-    async def handle(batch: Sequence[Record]) -> None:
-        received.extend(batch)
-        if len(received) >= count:
-            done.set()
-
-    runner = ConsumerRunner(
-        backends.kafka(), group_id=f"dlt-reader-{uuid.uuid4().hex}", topics=[topic], handler=handle
-    )
-    await runner.start()
-    try:
-        await asyncio.wait_for(done.wait(), 30)
-    finally:
-        await runner.stop()
-    return received
-
-
 async def test_the_runner_survives_outages_and_dead_letters_a_poison_record(
     backends: Backends, unique: str
 ) -> None:
@@ -188,7 +169,7 @@ async def test_the_runner_survives_outages_and_dead_letters_a_poison_record(
         await asyncio.wait_for(all_done.wait(), 60)
         assert processed.count(b"c") == 1 and b"poison" not in processed
         assert set(processed) == {b"a", b"b", b"c", b"last"}
-        [dead] = await _dead_letters(backends, f"{topic}.DLT", 1)
+        [dead] = await _collect(backends, f"{topic}.DLT", f"dlt-reader-{unique}", 1)
         assert dead.value == b"poison" and dead.key == b"k"
         assert dead.header("h") == b"1"
         assert dead.header("kpg-dlt-original-topic") == topic.encode()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -15,8 +12,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 
 from gateway.adapters.sql.database import Database
-from gateway.devstack.postgres import PostgresNode, find_postgres_bin
-from gateway.devstack.processes import free_port, wait_until
+from gateway.devstack.postgres import PostgresNode
+from tests.conftest import started_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +22,8 @@ pytestmark = pytest.mark.integration
 def own_node() -> Iterator[PostgresNode]:
     """A server the devstack starts for this test alone (even when KPG_TEST_POSTGRES_URL names another):
     these tests check the devstack's own server, not whatever server the session uses."""
-    # Not under pytest's tmp folder: as root the server runs as `postgres`, which cannot enter it.
-    state_dir = Path(tempfile.mkdtemp(prefix="kpg-postgres-"))
-    node = PostgresNode(state_dir, free_port())
-    try:
-        node.start(find_postgres_bin())
-        wait_until(node.answers, what="PostgreSQL", timeout_s=60, process=node.process)
+    with started_postgres() as node:
         yield node
-    finally:
-        node.stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.consumer import to_record
 from gateway.adapters.kafka.records import Record
-from gateway.adapters.kafka.threads import on_client_thread
+from gateway.adapters.kafka.threads import close_on_thread, on_client_thread
 from gateway.errors import BackendUnavailable
 from gateway.settings import KafkaSettings
 
@@ -104,9 +104,7 @@ class PartitionScanner:
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, consumer.close)
-        self._executor.shutdown(wait=False)
+        await close_on_thread(self._executor, consumer)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await on_client_thread(self._executor, "scanning an event partition", fn, *args)

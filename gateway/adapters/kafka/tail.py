@@ -6,7 +6,6 @@ subscriber makes it wait instead of buffering: memory stays bounded by one batch
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -16,7 +15,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.consumer import to_record
 from gateway.adapters.kafka.records import Record
-from gateway.adapters.kafka.threads import consume_ready, on_client_thread
+from gateway.adapters.kafka.threads import close_on_thread, consume_ready, on_client_thread
 from gateway.settings import KafkaSettings
 
 T = TypeVar("T")
@@ -71,9 +70,7 @@ class TopicTail:
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, consumer.close)
-        self._executor.shutdown(wait=False)
+        await close_on_thread(self._executor, consumer)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await on_client_thread(self._executor, f"reading {self._topic}", fn, *args)

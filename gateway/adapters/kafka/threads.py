@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaException, Message
@@ -21,6 +21,13 @@ async def on_client_thread(executor: Executor, what: str, fn: Callable[..., T], 
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
     except KafkaException as exc:
         raise BackendUnavailable(f"{what}: {exc.args[0].str()}") from exc
+
+
+async def close_on_thread(executor: ThreadPoolExecutor, consumer: Consumer | None) -> None:
+    """Close a consumer on its own thread, then let the thread go (never waiting for it to exit)."""
+    if consumer is not None:
+        await asyncio.get_running_loop().run_in_executor(executor, consumer.close)
+    executor.shutdown(wait=False)
 
 
 def consume_ready(
