@@ -16,7 +16,7 @@ How versions stay contiguous with any number of appenders and gateways:
   index) before planning; ids the gateway generates are derived from the idempotency key, so a retry
   under the same key finds its events even when Redis forgot the key.
 - ReadStream reads its own writes: it waits (bounded) until the index has applied the stream's last
-  write this gateway knows of, or else the partition's last stable offset.
+  write this gateway knows of, or else the partition's high watermark.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class EventStore:
         """Events of one stream from the stream index, and the stream's head version.
 
         Read-your-writes without a position: first the index catches up (bounded by `wait_timeout_ms`)
-        with the stream's last write this gateway knows of, else with the partition's last stable offset;
+        with the stream's last write this gateway knows of, else with the partition's high watermark;
         a `min_position` is waited for as given."""
         topic = self.topic_of(category)
         check_name("stream_id", stream_id)
@@ -299,8 +299,8 @@ class EventStore:
         partition = partition_for(stream_id, await self._partition_count(topic))
         writer = self._writers.get((topic, partition))
         target = writer.written_up_to((category, stream_id)) if writer is not None else None
-        if target is None:
-            target = await self._admin.end_offset(topic, partition)
+        if target is None:  # written elsewhere, if at all: everything acknowledged on the partition
+            target = await self._admin.end_offset(topic, partition, stable=False)
         if not await self._indexer.wait_for(topic, partition, target, timeout_ms / 1000):
             raise ReadModelBehind(
                 f"the stream index has not caught up with {category}/{stream_id} within {timeout_ms} ms",

@@ -116,14 +116,18 @@ class KafkaAdmin:
         marks: dict[int, tuple[int, int]] = await self._run(offsets)
         return marks
 
-    async def end_offset(self, topic: str, partition: int, timeout_s: float = 10.0) -> int:
-        """The last stable offset: where a read_committed reader of the partition ends."""
+    async def end_offset(
+        self, topic: str, partition: int, timeout_s: float = 10.0, *, stable: bool = True
+    ) -> int:
+        """The last stable offset: where a read_committed reader of the partition ends (the high
+        watermark when not `stable`: past every acknowledged record, even of a transaction still open,
+        and never behind a commit that has just returned, as the last stable offset may be for a moment)."""
 
         def offset() -> int:
             tp = TopicPartition(topic, partition)
             futures = self._client.list_offsets(
                 {tp: OffsetSpec.latest()},  # type: ignore[no-untyped-call]
-                isolation_level=IsolationLevel.READ_COMMITTED,
+                isolation_level=IsolationLevel.READ_COMMITTED if stable else IsolationLevel.READ_UNCOMMITTED,
                 request_timeout=timeout_s,
             )
             return int(futures[tp].result().offset)

@@ -45,11 +45,6 @@ class StreamEventRow(SQLModel, table=True):
     correlation_id: str = ""
     causation_id: str = ""
 
-    @classmethod
-    def from_event(cls, event: StoredEvent) -> StreamEventRow:
-        columns = {name: getattr(event, name) for name in _SHARED_FIELDS}
-        return cls(**columns, metadata_json=json.dumps(event.metadata))
-
     def to_event(self) -> StoredEvent:
         columns = {name: getattr(self, name) for name in _SHARED_FIELDS}
         return StoredEvent(**columns, metadata=json.loads(self.metadata_json))
@@ -163,7 +158,7 @@ class StreamIndex:
                 events_table = StreamEventRow.__table__  # type: ignore[attr-defined]
                 connection.execute(
                     self._insert(events_table).on_conflict_do_nothing(),
-                    [StreamEventRow.from_event(e).model_dump() for e in fresh],
+                    [_event_columns(e) for e in fresh],
                 )
                 heads: dict[StreamKey, StoredEvent] = {}
                 for event in fresh:
@@ -280,6 +275,13 @@ class StreamIndex:
         with _translated("reading a stream"), self._session() as session:
             row = session.get(StreamEventRow, (category, stream_id, version))
             return row.offset if row else None
+
+
+def _event_columns(event: StoredEvent) -> dict[str, Any]:
+    """A row of kpg_stream_events as plain values (no ORM instance: this runs for every indexed event)."""
+    columns: dict[str, Any] = {name: getattr(event, name) for name in _SHARED_FIELDS}
+    columns["metadata_json"] = json.dumps(event.metadata)
+    return columns
 
 
 @contextmanager
