@@ -121,6 +121,47 @@ MAX_PARTITION = 2**31 - 1
 # ce_streamversion is at its widest at int64's maximum.
 _ANY_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 _WIDEST_VERSION = MAX_INT64
+# uint32 fields are bounded by protobuf itself, but a REST query parameter is any integer.
+MAX_UINT32 = 2**32 - 1
+
+
+def check_range(field: str, value: int, maximum: int) -> int:
+    """An integer field that reaches SQL, Kafka or a timer: 0..maximum, or INVALID_ARGUMENT naming it.
+    uint64 fields can carry up to 2^64-1, but versions and offsets are int64 everywhere behind us."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise InvalidArgument.field(field, f"must be an integer from 0 to {maximum}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStreamQuery:
+    """A ReadStream request, from gRPC or REST alike; its integers are checked when it is made."""
+
+    category: str
+    stream_id: str
+    from_version: int = 0
+    max_count: int = 0
+    backwards: bool = False
+    min_position: str = ""
+    wait_timeout_ms: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("from_version", self.from_version, MAX_INT64)
+        check_range("max_count", self.max_count, MAX_UINT32)
+        check_range("wait_timeout_ms", self.wait_timeout_ms, MAX_UINT32)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeQuery:
+    """A Subscribe request, from gRPC or REST (SSE) alike."""
+
+    category: str
+    stream_id: str = ""
+    from_version: int = 0
+    from_position: str = ""
+
+    def __post_init__(self) -> None:
+        check_range("from_version", self.from_version, MAX_INT64)
 
 
 def check_name(field_name: str, value: str, *, category: bool = False) -> None:

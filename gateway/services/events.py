@@ -56,7 +56,9 @@ from gateway.domain.events import (
     AppendResult,
     Limits,
     Position,
+    ReadStreamQuery,
     StoredEvent,
+    SubscribeQuery,
     check_name,
     event_headers,
     parse_event,
@@ -111,6 +113,15 @@ def event_topic_config(kafka: KafkaSettings) -> dict[str, str]:
     }
 
 
+def event_topic_specs(kafka: KafkaSettings, topic: str, partitions: int) -> list[TopicSpec]:
+    """A category's event topic and its dead-letter topic (which must hold a dead letter of any event)."""
+    config = event_topic_config(kafka)
+    return [
+        TopicSpec(topic, partitions, config),
+        TopicSpec(dlt_topic(topic), partitions, {"max.message.bytes": config["max.message.bytes"]}),
+    ]
+
+
 def with_derived_ids(request: AppendRequest) -> AppendRequest:
     """Under an idempotency key, the ids the gateway generated become uuid5(key, stream, index): the same
     on every retry, so the writer can find a retry's events in the log even if Redis lost the key."""
@@ -154,15 +165,10 @@ class EventStore:
 
     def topics(self) -> list[TopicSpec]:
         """The declared categories' event topics (kept forever) and their dead-letter topics."""
-        config = event_topic_config(self._kafka)
         specs = []
         for name, category in self._definitions.categories.items():
-            topic = self._definitions.category_topic(name)
             partitions = category.partitions or self._kafka.default_partitions
-            specs += [
-                TopicSpec(topic, partitions, config),
-                TopicSpec(dlt_topic(topic), partitions, {"max.message.bytes": config["max.message.bytes"]}),
-            ]
+            specs += event_topic_specs(self._kafka, self._definitions.category_topic(name), partitions)
         return specs
 
     # --- AppendEvents ----------------------------------------------------------------------------------
@@ -201,16 +207,7 @@ class EventStore:
             live = await self._admin.partitions(topic)
             if live is None and create:  # an undeclared category (allow_undeclared_categories)
                 partitions = self._kafka.default_partitions
-                await self._admin.ensure_topics(
-                    [
-                        TopicSpec(topic, partitions, event_topic_config(self._kafka)),
-                        TopicSpec(
-                            dlt_topic(topic),
-                            partitions,
-                            {"max.message.bytes": str(self._kafka.max_record_bytes)},
-                        ),
-                    ]
-                )
+                await self._admin.ensure_topics(event_topic_specs(self._kafka, topic, partitions))
                 live = await self._admin.partitions(topic)
             if live is None:
                 raise NotFound(f"the event topic {topic!r} does not exist", metadata={"topic": topic})
@@ -251,22 +248,18 @@ class EventStore:
 
     # --- ReadStream ------------------------------------------------------------------------------------
 
-    async def read_stream(
-        self,
-        category: str,
-        stream_id: str,
-        *,
-        from_version: int = 0,
-        max_count: int = 0,
-        backwards: bool = False,
-        min_position: str = "",
-        wait_timeout_ms: int = 0,
-    ) -> tuple[list[StoredEvent], int]:
+    async def read_stream(self, query: ReadStreamQuery) -> tuple[list[StoredEvent], int]:
         """Events of one stream from the stream index, and the stream's head version.
 
         Read-your-writes without a position: first the index catches up (bounded by `wait_timeout_ms`)
         with the stream's last write this gateway knows of, else with the partition's high watermark;
         a `min_position` is waited for as given."""
+        category, stream_id, max_count, wait_timeout_ms = (
+            query.category,
+            query.stream_id,
+            query.max_count,
+            query.wait_timeout_ms,
+        )
         topic = self.topic_of(category)
         check_name("stream_id", stream_id)
         if max_count > self._settings.read_max_count:
@@ -276,17 +269,17 @@ class EventStore:
                 "wait_timeout_ms", f"must be at most {self._settings.read_max_wait_ms}"
             )
         timeout_ms = wait_timeout_ms or self._settings.read_wait_ms
-        if min_position:
-            await self.wait_for_position(topic, min_position, timeout_ms)
+        if query.min_position:
+            await self.wait_for_position(topic, query.min_position, timeout_ms)
         else:
             await self._wait_for_stream(topic, category, stream_id, timeout_ms)
         events, head = await asyncio.to_thread(
             self._indexer.index.read,
             category,
             stream_id,
-            from_version=from_version,
+            from_version=query.from_version,
             max_count=max_count or self._settings.read_default_count,
-            backwards=backwards,
+            backwards=query.backwards,
         )
         if head == 0:
             raise NotFound(
@@ -326,18 +319,17 @@ class EventStore:
 
     # --- Subscribe -------------------------------------------------------------------------------------
 
-    async def subscribe(
-        self,
-        category: str,
-        stream_id: str = "",
-        *,
-        from_version: int = 0,
-        from_position: str = "",
-    ) -> AsyncIterator[tuple[StoredEvent, str]]:
+    async def subscribe(self, query: SubscribeQuery) -> AsyncIterator[tuple[StoredEvent, str]]:
         """Catch up from the log, then follow it live: each event with the position just after it.
 
         Reading the log itself (not the index) for both phases means there is no switch-over at which an
         event could be missed or repeated; resuming from a position continues exactly after it."""
+        category, stream_id, from_version, from_position = (
+            query.category,
+            query.stream_id,
+            query.from_version,
+            query.from_position,
+        )
         topic = self.topic_of(category)
         if self._subscribers >= self._settings.max_subscribers:
             raise RateLimited(
@@ -445,20 +437,6 @@ class _Known:
     stream_id: str
     version: int
     offset: int
-
-
-def _identity(record: Record) -> tuple[str, _Known] | None:
-    """(event id, where it is) of a gateway event record; None for any other record."""
-    h = {name: value for name, value in record.headers if name.startswith("ce_")}
-    source = h.get("ce_source", b"")
-    if h.get("ce_specversion") != b"1.0" or not source.startswith(b"/kpg/"):
-        return None
-    try:
-        version = int(h["ce_streamversion"])
-        stream_id = (h.get("ce_subject") or record.key or b"").decode()
-        return h.get("ce_id", b"").decode(), _Known(source[5:].decode(), stream_id, version, record.offset)
-    except (KeyError, ValueError):
-        return None
 
 
 def _resolve(pending: _Pending, result: AppendResult) -> None:
@@ -654,15 +632,15 @@ class PartitionWriter:
         return read
 
     def _learn(self, record: Record) -> None:
-        found = _identity(record)
-        if found is None:
-            return
-        event_id, known = found
-        key = (known.category, known.stream_id)
-        if known.version > self._heads.get(key, 0):
-            self._heads[key] = known.version
-            self._offsets[key] = known.offset
-        self._recent[event_id] = known
+        r = record
+        event = parse_event(r.topic, r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms)
+        if event is None:
+            return  # not a gateway event
+        key = (event.category, event.stream_id)
+        if event.version > self._heads.get(key, 0):
+            self._heads[key] = event.version
+            self._offsets[key] = event.offset
+        self._recent[event.event_id] = _Known(event.category, event.stream_id, event.version, event.offset)
 
     def _forget(self) -> None:
         self._heads.clear()

@@ -48,7 +48,7 @@ from gateway.errors import BackendUnavailable, InvalidArgument, NotFound, ReplyT
 from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.idempotency import Idempotency
 from gateway.settings import KafkaSettings, RequestReplySettings
-from gateway.tasks import bounded, raise_if_cancelling, stop_task
+from gateway.tasks import bounded, raise_if_cancelling, spawn, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ class RequestReply:
         self._starting = asyncio.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._cleanups: set[asyncio.Task[bool]] = set()
         self._topics: dict[str, bool] = {}
 
     async def start(self) -> None:
@@ -248,16 +247,9 @@ class RequestReply:
         """Remove the pending record `_send` made. Shielded, so a second cancellation cannot cut it short;
         a Redis failure is logged, not raised (the record then expires on its own), so the caller sees
         the send's own error; cancellation still propagates."""
-        cleanup = asyncio.ensure_future(self._store.forget(correlation_id, owner=owner))
-        self._cleanups.add(cleanup)  # the loop keeps only weak references to tasks
-        cleanup.add_done_callback(self._cleanup_done)
-        with contextlib.suppress(Exception):  # logged by _cleanup_done; a cancellation still propagates
+        cleanup = spawn(self._store.forget(correlation_id, owner=owner), name=f"withdraw:{correlation_id}")
+        with contextlib.suppress(Exception):  # spawn logs it; a cancellation still propagates
             await asyncio.shield(cleanup)
-
-    def _cleanup_done(self, cleanup: asyncio.Task[bool]) -> None:
-        self._cleanups.discard(cleanup)
-        if not cleanup.cancelled() and cleanup.exception() is not None:
-            log.warning("could not withdraw an unsent request (%s); it expires", cleanup.exception())
 
     async def _request(self, request: Request) -> Reply:
         waiter = self._waiters.setdefault(request.correlation_id, _Waiter())

@@ -11,7 +11,6 @@ import binascii
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
@@ -27,25 +26,16 @@ from gateway.domain.events import (
     Expected,
     NewEvent,
     Position,
+    ReadStreamQuery,
     StoredEvent,
+    SubscribeQuery,
+    check_range,
     is_json,
     new_event_id,
 )
 from gateway.domain.request_reply import Reply, ReplyStatus, Request
 from gateway.errors import FieldViolation, InvalidArgument
 from gateway.services.read_models import Document, FieldFilter, ReadModelStatus
-
-# uint32 fields are bounded by protobuf itself, but a REST query parameter is any integer.
-MAX_UINT32 = 2**32 - 1
-
-
-def check_range(field: str, value: int, maximum: int) -> int:
-    """An integer field that reaches SQL, Kafka or a timer: 0..maximum, or INVALID_ARGUMENT naming it.
-    uint64 fields can carry up to 2^64-1, but versions and offsets are int64 everywhere behind us."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
-        raise InvalidArgument.field(field, f"must be an integer from 0 to {maximum}")
-    return value
-
 
 _EXPECTED_STATE = {
     event_store_pb2.EXPECTED_STATE_UNSPECIFIED: Expectation.ANY,
@@ -126,24 +116,6 @@ def _after(event: StoredEvent) -> str:
     return Position.after(event.topic, event.partition, event.offset).encode()
 
 
-@dataclass(frozen=True, slots=True)
-class ReadStreamQuery:
-    """A ReadStream request, from gRPC or REST alike; its integers are checked when it is made."""
-
-    category: str
-    stream_id: str
-    from_version: int = 0
-    max_count: int = 0
-    backwards: bool = False
-    min_position: str = ""
-    wait_timeout_ms: int = 0
-
-    def __post_init__(self) -> None:
-        check_range("from_version", self.from_version, MAX_INT64)
-        check_range("max_count", self.max_count, MAX_UINT32)
-        check_range("wait_timeout_ms", self.wait_timeout_ms, MAX_UINT32)
-
-
 def read_stream_from_pb(message: event_store_pb2.ReadStreamRequest) -> ReadStreamQuery:
     return ReadStreamQuery(
         category=message.category,
@@ -154,19 +126,6 @@ def read_stream_from_pb(message: event_store_pb2.ReadStreamRequest) -> ReadStrea
         min_position=message.min_position,
         wait_timeout_ms=message.wait_timeout_ms,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeQuery:
-    """A Subscribe request, from gRPC or REST (SSE) alike."""
-
-    category: str
-    stream_id: str = ""
-    from_version: int = 0
-    from_position: str = ""
-
-    def __post_init__(self) -> None:
-        check_range("from_version", self.from_version, MAX_INT64)
 
 
 def subscribe_from_pb(message: event_store_pb2.SubscribeRequest) -> SubscribeQuery:

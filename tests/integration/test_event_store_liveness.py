@@ -22,7 +22,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from gateway.domain.events import AppendResult, Expectation, Expected, partition_for
+from gateway.domain.events import AppendResult, Expectation, Expected, ReadStreamQuery, partition_for
 from gateway.errors import (
     BackendUnavailable,
     IdempotencyKeyInFlight,
@@ -122,7 +122,7 @@ async def test_read_stream_reads_its_own_writes_without_a_position(
         async def write_then_read(stream: str) -> None:
             for n in range(1, 4):
                 result = await kit.store.append(append(category, stream))
-                events, head = await kit.store.read_stream(category, stream)
+                events, head = await kit.store.read_stream(ReadStreamQuery(category, stream))
                 assert head == result.last_version == n
                 assert [e.version for e in events] == list(range(1, n + 1))
 
@@ -139,7 +139,7 @@ async def test_read_stream_waits_a_bounded_time_for_an_index_that_does_not_move(
         await kit.store.append(append(category, "s"))
         started = time.monotonic()
         with pytest.raises(ReadModelBehind):
-            await kit.store.read_stream(category, "s", wait_timeout_ms=300)
+            await kit.store.read_stream(ReadStreamQuery(category, "s", wait_timeout_ms=300))
         assert time.monotonic() - started < 5
 
 
@@ -268,5 +268,5 @@ async def test_read_stream_reads_a_write_made_through_another_gateway(
         for i in range(20):
             stream = f"s{i}"
             result = await writer.store.append(append(category, stream, 2))
-            events, head = await reader.store.read_stream(category, stream)
+            events, head = await reader.store.read_stream(ReadStreamQuery(category, stream))
             assert head == result.last_version == 2 and [e.version for e in events] == [1, 2]

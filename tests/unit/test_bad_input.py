@@ -15,7 +15,7 @@ from kpg.v1 import event_store_pb2 as es
 from starlette.types import Message
 
 from gateway.definitions import DefinitionsError, parse_definitions
-from gateway.domain.events import Expectation
+from gateway.domain.events import Expectation, ReadStreamQuery, SubscribeQuery
 from gateway.errors import GatewayError, InvalidArgument
 from gateway.services.health import BackendMonitor
 from gateway.transport import convert
@@ -52,7 +52,7 @@ def test_read_stream_conversion_keeps_every_field() -> None:
             wait_timeout_ms=2**32 - 1,
         )
     )
-    assert query == convert.ReadStreamQuery("orders", "s", INT64_MAX, 7, True, "p", 2**32 - 1)
+    assert query == ReadStreamQuery("orders", "s", INT64_MAX, 7, True, "p", 2**32 - 1)
 
 
 @pytest.mark.parametrize("from_version", [2**63, 2**64 - 1])
@@ -63,7 +63,7 @@ def test_subscribe_from_version_beyond_int64_is_invalid(from_version: int) -> No
         )
     assert _fields(raised.value) == ["from_version"]
     query = convert.subscribe_from_pb(es.SubscribeRequest(category="orders", from_position="p"))
-    assert query == convert.SubscribeQuery("orders", "", 0, "p")
+    assert query == SubscribeQuery("orders", "", 0, "p")
 
 
 def test_expected_version_beyond_int64_is_invalid() -> None:
@@ -91,13 +91,13 @@ def test_rest_query_integers_are_range_checked(field: str, value: int) -> None:
     # A REST query parameter is any integer; protobuf's own ranges never saw it.
     with pytest.raises(InvalidArgument) as raised:
         changes: dict[str, Any] = {field: value}
-        dataclasses.replace(convert.ReadStreamQuery("orders", "s"), **changes)
+        dataclasses.replace(ReadStreamQuery("orders", "s"), **changes)
     assert _fields(raised.value) == [field]
 
 
 def test_rest_subscribe_from_version_is_range_checked() -> None:
     with pytest.raises(InvalidArgument) as raised:
-        convert.SubscribeQuery("orders", "s", from_version=2**63)
+        SubscribeQuery("orders", "s", from_version=2**63)
     assert _fields(raised.value) == ["from_version"]
 
 

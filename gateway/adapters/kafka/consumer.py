@@ -90,7 +90,7 @@ class ConsumerRunner:
         self._start_offsets = start_offsets
         self._on_positions = on_positions
         self._positions: dict[TopicPartitionKey, int] = {}
-        self._unstarted: list[TopicPartition] = []  # assigned, but their start offsets are not known yet
+        self._unstarted: set[TopicPartitionKey] = set()  # assigned, but their start offsets not known yet
         self._config = consumer_config(settings, group_id, **overrides)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
         self._consumer: Consumer | None = None
@@ -131,25 +131,22 @@ class ConsumerRunner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         if self._start_offsets is not None and partitions:
-            self._unstarted += partitions
+            self._unstarted |= {(tp.topic, tp.partition) for tp in partitions}
             self._assign_unstarted(consumer)
 
     def _assign_unstarted(self, consumer: Consumer) -> None:
         """Assign the partitions whose start offsets can be read now; the others wait for the next try."""
         assert self._start_offsets is not None
-        partitions = [tp for tp in self._unstarted if (tp.topic, tp.partition) in self.assignment]
-        self._unstarted = []
-        if not partitions:
-            return
+        keys = sorted(self._unstarted)
         try:
-            offsets = self._start_offsets([(tp.topic, tp.partition) for tp in partitions])
+            offsets = self._start_offsets(keys)
         except Exception as exc:  # on the consumer thread: an exception here would lose the assignment
             log.warning("consumer %s: start offsets unavailable (%s); assigning later", self.group_id, exc)
-            self._unstarted = partitions
             return
-        for tp in partitions:
-            tp.offset = offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
-        consumer.incremental_assign(partitions)
+        self._unstarted.clear()
+        consumer.incremental_assign(
+            [TopicPartition(t, p, offsets.get((t, p), OFFSET_BEGINNING)) for t, p in keys]
+        )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
@@ -157,8 +154,8 @@ class ConsumerRunner:
         for key in revoked:
             self._positions.pop(key, None)
         if self._start_offsets is not None and partitions:
-            started = [tp for tp in partitions if not any(_same(tp, u) for u in self._unstarted)]
-            self._unstarted = [u for u in self._unstarted if (u.topic, u.partition) not in revoked]
+            started = [tp for tp in partitions if (tp.topic, tp.partition) not in self._unstarted]
+            self._unstarted -= revoked
             if started:
                 consumer.incremental_unassign(started)
 
@@ -183,8 +180,7 @@ class ConsumerRunner:
     def _changed_positions(self) -> dict[TopicPartitionKey, int]:
         """Positions that moved since last asked: past records, and past transaction markers too."""
         assert self._consumer is not None
-        unstarted = {(tp.topic, tp.partition) for tp in self._unstarted}
-        assigned = [TopicPartition(t, p) for t, p in self.assignment if (t, p) not in unstarted]
+        assigned = [TopicPartition(t, p) for t, p in self.assignment - self._unstarted]
         changed = {}
         for tp in self._consumer.position(assigned) if assigned else []:
             key = (tp.topic, tp.partition)
@@ -316,10 +312,6 @@ class ConsumerRunner:
         if self._on_positions is not None and self._start_offsets is not None:
             await self._on_positions({(record.topic, record.partition): record.offset + 1})
         await self._call(self._commit, [record])
-
-
-def _same(a: TopicPartition, b: TopicPartition) -> bool:
-    return bool(a.topic == b.topic and a.partition == b.partition)
 
 
 def to_record(message: Message) -> Record:

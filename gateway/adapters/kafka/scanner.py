@@ -49,8 +49,8 @@ class PartitionScanner:
         BackendUnavailable when the range cannot be read within `timeout_s`."""
         if start >= end:
             return
+        deadline = asyncio.get_running_loop().time() + timeout_s  # waiting for the scanner counts too
         async with self._lock:
-            deadline = asyncio.get_running_loop().time() + timeout_s
             await self._call(self._assign, topic, partition, start)
             try:
                 while True:

@@ -107,16 +107,7 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
     async def ReadStream(
         self, request: event_store_pb2.ReadStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> event_store_pb2.ReadStreamResponse:
-        query = convert.read_stream_from_pb(request)
-        events, head = await self._store.read_stream(
-            query.category,
-            query.stream_id,
-            from_version=query.from_version,
-            max_count=query.max_count,
-            backwards=query.backwards,
-            min_position=query.min_position,
-            wait_timeout_ms=query.wait_timeout_ms,
-        )
+        events, head = await self._store.read_stream(convert.read_stream_from_pb(request))
         return event_store_pb2.ReadStreamResponse(
             events=[convert.event_to_pb(e) for e in events], stream_version=head
         )
@@ -124,13 +115,7 @@ class EventStoreServicer(event_store_pb2_grpc.EventStoreServicer):
     async def Subscribe(  # type: ignore[override]  # a coroutine that writes, to time each write out
         self, request: event_store_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        query = convert.subscribe_from_pb(request)
-        events = await self._store.subscribe(
-            query.category,
-            query.stream_id,
-            from_version=query.from_version,
-            from_position=query.from_position,
-        )
+        events = await self._store.subscribe(convert.subscribe_from_pb(request))
         async for event, position in events:
             try:
                 await asyncio.wait_for(

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import StreamingResponse
 from starlette.types import Send
 
+from gateway.domain.events import ReadStreamQuery, SubscribeQuery
 from gateway.errors import GatewayError, SubscriberTooSlow
 from gateway.services.events import EventStore
 from gateway.transport import convert
@@ -45,14 +46,14 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
     async def read_stream(
         category: str,
         stream_id: str,
-        # Ranges are checked by convert.ReadStreamQuery, as for gRPC, so a bad field has one name.
+        # Ranges are checked by ReadStreamQuery, as for gRPC, so a bad field has one name.
         from_version: Annotated[int, Query(alias="fromVersion")] = 0,
         max_count: Annotated[int, Query(alias="maxCount")] = 0,
         backwards: bool = False,
         min_position: Annotated[str, Query(alias="minPosition")] = "",
         wait_timeout_ms: Annotated[int, Query(alias="waitTimeoutMs")] = 0,
     ) -> dict[str, Any]:
-        query = convert.ReadStreamQuery(
+        query = ReadStreamQuery(
             category,
             stream_id,
             from_version=from_version,
@@ -61,15 +62,7 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
             min_position=min_position,
             wait_timeout_ms=wait_timeout_ms,
         )
-        events, head = await store.read_stream(
-            query.category,
-            query.stream_id,
-            from_version=query.from_version,
-            max_count=query.max_count,
-            backwards=query.backwards,
-            min_position=query.min_position,
-            wait_timeout_ms=query.wait_timeout_ms,
-        )
+        events, head = await store.read_stream(query)
         return {"events": [convert.event_to_json(e) for e in events], "streamVersion": str(head)}
 
     @router.get(
@@ -86,15 +79,10 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:
         """Server-Sent Events: `id` is the position after the event (EventSource resumes with it)."""
-        query = convert.SubscribeQuery(
+        query = SubscribeQuery(
             category, stream_id, from_version=from_version, from_position=last_event_id or from_position
         )
-        events = await store.subscribe(
-            query.category,
-            query.stream_id,
-            from_version=query.from_version,
-            from_position=query.from_position,
-        )
+        events = await store.subscribe(query)
         return _SseResponse(_sse(events), write_timeout_s=write_timeout_s)
 
     return router
