@@ -84,7 +84,7 @@ check-gen: gen
 lint: setup $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy loadtest examples clients/python/src/kpg/responder.py
+	$(VENV)/bin/mypy loadtest examples clients/python/src/kpg/responder.py clients/python/src/kpg/participant.py
 	$(VENV)/bin/lint-imports
 	$(BUF) lint
 

@@ -1,4 +1,7 @@
-"""Composition root: settings -> adapters -> services -> servers, and one graceful stop.
+"""Composition root: settings -> adapters -> patterns -> servers, and one graceful stop.
+
+Each pattern is one entry of the `patterns` list in `serve()` (its builder in gateway/patterns.py holds
+its services, topics, start/stop, gRPC servicer and REST router); nothing else here names a pattern.
 
 `kpg serve` (or `python -m gateway`) runs one asyncio process serving gRPC and REST. If Kafka or Redis
 is not reachable it keeps serving NOT_SERVING and retries, rather than crashing.
@@ -17,26 +20,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, PartitionScanner, TopicSpec
-from gateway.adapters.redis import CorrelationStore, IdempotencyStore, LeaseStore, RedisClient
-from gateway.adapters.sql import Database, ReadModelStore, StreamIndex
+from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
+from gateway.adapters.redis import IdempotencyStore, RedisClient
+from gateway.adapters.sql import Database
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
-from gateway.services.dead_letter_writer import DeadLetterWriter
-from gateway.services.events import EventStore
+from gateway.patterns import (
+    Context,
+    event_store_pattern,
+    grpc_bindings,
+    read_models_pattern,
+    request_reply_pattern,
+    rest_routers,
+    sagas_pattern,
+    start_patterns,
+    stop_patterns,
+)
 from gateway.services.health import BackendMonitor
 from gateway.services.idempotency import Idempotency, IdempotencySettings
-from gateway.services.read_models import ReadModels
-from gateway.services.request_reply import RequestReply
-from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
 from gateway.tasks import bounded
 from gateway.transport.grpc import create_grpc_server
-from gateway.transport.grpc.servicers import bindings
 from gateway.transport.rest import create_rest_app, create_rest_server
-from gateway.transport.rest.events import event_store_router
-from gateway.transport.rest.read_models import read_models_router
-from gateway.transport.rest.request_reply import request_reply_router
 
 log = logging.getLogger("gateway")
 
@@ -49,57 +54,34 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     admin = KafkaAdmin(settings.kafka)
     redis = RedisClient(settings.redis)
     database = Database(settings.database_url)
-    index_topics = [definitions.category_topic(c) for c in definitions.categories]
-    if definitions.allow_undeclared_categories:
-        index_topics.append(r"^.*\.events$")
     idempotency = Idempotency(
         IdempotencyStore(redis),
         IdempotencySettings(settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms),
     )
-    indexer = StreamIndexer(
-        settings.kafka, StreamIndex(database), topics=index_topics, dead_letters=DeadLetterWriter(producer)
-    )
-    events = EventStore(
-        settings=settings.events,
-        kafka=settings.kafka,
+    context = Context(
+        settings=settings,
         definitions=definitions,
-        admin=admin,
-        leases=LeaseStore(redis),
-        idempotency=idempotency,
-        indexer=indexer,
-        scanner=PartitionScanner(settings.kafka),
-    )
-    read_models = ReadModels(
-        settings=settings.read_models,
-        kafka=settings.kafka,
-        definitions=definitions,
-        store=ReadModelStore(database),
-        admin=admin,
         producer=producer,
-    )
-    requests = RequestReply(
-        settings=settings.request_reply,
-        kafka=settings.kafka,
-        definitions=definitions,
         admin=admin,
-        store=CorrelationStore(redis),
+        redis=redis,
+        database=database,
         idempotency=idempotency,
     )
-    write_timeout_s = settings.events.subscriber_write_timeout_ms / 1000
+    # One entry per pattern (see gateway/patterns.py); starts run in this order, stops in reverse.
+    patterns = [
+        event_store_pattern(context),
+        read_models_pattern(context),
+        request_reply_pattern(context),
+        sagas_pattern(context),
+    ]
 
-    async def create_topics() -> None:
+    async def start_up() -> None:
         topics = definitions.topics_to_create(settings.kafka.default_partitions)
-        specs = [TopicSpec(name, parts) for name, parts in topics.items()]
-        # Later specs win (the event store configures its dead-letter topics); request-reply creates its
-        # reply topic in its start().
-        specs += read_models.topics() + events.topics()
-        created = await admin.ensure_topics(specs)
-        if created:
-            log.info("created topics: %s", ", ".join(sorted(created)))
-        if index_topics:
-            await indexer.start()
-        await read_models.start()
-        await requests.start()
+        # The definitions' topics first: a pattern's spec of the same name wins (the event store configures
+        # its dead-letter topics).
+        await start_patterns(
+            patterns, admin=admin, topics=[TopicSpec(name, parts) for name, parts in topics.items()]
+        )
 
     monitor = BackendMonitor(
         probes={
@@ -109,21 +91,13 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         },
         interval_s=settings.health.check_interval_s,
         timeout_s=settings.health.check_timeout_s,
-        on_first_ready=create_topics,
+        on_first_ready=start_up,
     )
     grpc_server, grpc_port = await create_grpc_server(
-        settings.grpc,
-        bindings=bindings(events, read_models, requests, write_timeout_s=write_timeout_s),
-        monitor=monitor,
+        settings.grpc, bindings=grpc_bindings(patterns), monitor=monitor
     )
     rest_app = create_rest_app(
-        monitor=monitor,
-        routers=[
-            event_store_router(events, write_timeout_s=write_timeout_s),
-            read_models_router(read_models),
-            request_reply_router(requests),
-        ],
-        max_body_bytes=settings.rest.max_body_bytes,
+        monitor=monitor, routers=rest_routers(patterns), max_body_bytes=settings.rest.max_body_bytes
     )
     rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app)
 
@@ -163,10 +137,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         grace_s + 1.0,
         what="stopping the servers",
     )
-    await bounded(events.close(left()), left() + 3.0, what="stopping the event store")
-    await bounded(read_models.stop(), left(), what="stopping the read models")
-    await bounded(requests.stop(), left(), what="stopping request-reply")
-    await bounded(indexer.stop(left()), left() + 3.0, what="stopping the stream indexer")
+    await stop_patterns(patterns, left=left)
     await bounded(producer.close(left()), left() + 1.0, what="flushing the producer")
     await bounded(redis.close(), 2.0, what="closing Redis")
     database.close()

@@ -121,7 +121,7 @@ class SagaStepDef(_Def):
     name: str = Field(min_length=1, max_length=200)
     topic: str
     command: str = Field(min_length=1, max_length=200)
-    compensation: str | None = None
+    compensation: str | None = Field(default=None, min_length=1, max_length=200)
     timeout_ms: int | None = Field(default=None, ge=1)
 
     @field_validator("topic")
@@ -132,7 +132,12 @@ class SagaStepDef(_Def):
 
 class SagaDef(_Def):
     step_timeout_ms: int = Field(default=30_000, ge=1)
+    # Sends of a step's command before it counts as timed out (each waits the step's timeout).
     max_attempts: int = Field(default=3, ge=1)
+    # Sends of a compensation (after a timeout or an error reply) before the saga ends FAILED.
+    compensation_max_attempts: int = Field(default=5, ge=1)
+    # Pause before a compensation that replied with an error is sent again.
+    retry_backoff_ms: int = Field(default=1_000, ge=0)
     steps: list[SagaStepDef] = Field(min_length=1)
 
     @field_validator("steps")
@@ -184,6 +189,19 @@ class Definitions(_Def):
                     raise _KeyedError(
                         f"read_models.{name}.category",
                         f"unknown category {model.category!r} (declare it under 'categories')",
+                    )
+        event_topics = {self.category_topic(c) for c in self.categories}
+        for name, saga in self.sagas.items():
+            for i, step in enumerate(saga.steps):
+                topic = step.topic
+                if (
+                    topic in event_topics
+                    or topic.endswith((".events", ".DLT"))
+                    or topic.startswith(("kpg.", "_"))
+                ):
+                    raise _KeyedError(
+                        f"sagas.{name}.steps.{i}.topic",
+                        f"{topic!r} is an event, dead-letter or internal topic: not for commands",
                     )
         return self
 

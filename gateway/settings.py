@@ -127,6 +127,28 @@ class RequestReplySettings(_Frozen):
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
 
 
+class SagasSettings(_Frozen):
+    """start-saga: the orchestrator's reply topic, its sweeps and the read side."""
+
+    # Replies come back on one topic per saga database (the gateways sharing it), consumed by one group they
+    # share. Empty means derived from the database's id (`kpg.sagas.<id>.replies`, `kpg-sagas-<id>`).
+    reply_topic: str = Field(default="", pattern=r"^([A-Za-z0-9._-]{1,249})?$")
+    reply_topic_partitions: int = Field(default=6, ge=1)
+    reply_group: str = Field(default="", max_length=249)
+    # How often each instance looks for steps past their deadline (the step timeouts' resolution).
+    sweep_interval_ms: int = Field(default=250, ge=10)
+    # A change whose record is not known to be on Kafka this long after it was written is sent again (the
+    # instance that wrote it died before sending); same message id, so participants deduplicate it.
+    dispatch_grace_ms: int = Field(default=5_000, ge=100)
+    max_input_bytes: int = Field(default=1024 * 1024, ge=1)
+    list_default_limit: int = Field(default=100, ge=1)
+    list_max_limit: int = Field(default=1_000, ge=1)
+    # Live WatchSaga streams (gRPC and SSE together) one gateway serves; beyond it RATE_LIMITED.
+    max_watchers: int = Field(default=1_000, ge=1)
+    # A watcher looks at the database this often even without a change notification.
+    watch_poll_ms: int = Field(default=1_000, ge=10)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KPG_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -141,6 +163,7 @@ class Settings(BaseSettings):
     events: EventsSettings = EventsSettings()
     read_models: ReadModelsSettings = ReadModelsSettings()
     request_reply: RequestReplySettings = RequestReplySettings()
+    sagas: SagasSettings = SagasSettings()
     definitions: Path | None = None
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

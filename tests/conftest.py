@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from gateway.devstack import DevStack
 from gateway.devstack.postgres import PostgresNode, find_postgres_bin
@@ -76,6 +78,22 @@ def postgres_url() -> Iterator[str]:
         return
     with started_postgres() as node:
         yield node.url
+
+
+def fresh_postgres_database(postgres_url: str) -> str:
+    """A database of its own on the test server, so gateways never share tables by accident."""
+    name = f"kpg_{uuid.uuid4().hex[:12]}"
+    url = make_url(postgres_url)
+    with psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        autocommit=True,
+    ) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture

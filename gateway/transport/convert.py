@@ -13,9 +13,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
-from kpg.v1 import event_store_pb2, read_models_pb2, request_reply_pb2
+from kpg.v1 import event_store_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
 
 from gateway.domain.events import (
     DEFAULT_CONTENT_TYPE,
@@ -34,6 +34,7 @@ from gateway.domain.events import (
     new_event_id,
 )
 from gateway.domain.request_reply import Reply, ReplyStatus, Request
+from gateway.domain.sagas import Saga, StartRequest
 from gateway.errors import FieldViolation, InvalidArgument
 from gateway.services.read_models import Document, FieldFilter, ReadModelStatus
 
@@ -338,4 +339,85 @@ def request_body_to_pb(body: Any, *, topic: str) -> request_reply_pb2.RequestMes
     message = request_reply_pb2.RequestMessage()
     parse_json(body, message)
     message.topic = topic
+    return message
+
+
+# --- Sagas -------------------------------------------------------------------------------------------
+
+_MAX_SAFE_INTEGER = 2**53
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON values, whole numbers as ints: a Struct keeps every number as a double, and a
+    participant reading `"quantity": 3` should not get 3.0."""
+    return _whole_numbers(json_format.MessageToDict(message))  # type: ignore[no-any-return]
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+def start_saga_from_pb(message: sagas_pb2.StartSagaRequest) -> StartRequest:
+    return StartRequest(
+        saga_type=message.saga_type,
+        input=struct_to_dict(message.input),
+        saga_id=message.saga_id,
+        idempotency_key=message.idempotency_key,
+        correlation_id=message.correlation_id,
+    )
+
+
+def saga_status_from_pb(status: int) -> str:
+    """The domain's status name, "" for UNSPECIFIED (any status); an unknown number is refused."""
+    if status not in sagas_pb2.SagaStatus.values():
+        raise InvalidArgument.field("status", f"unknown value {status}")
+    if status == sagas_pb2.SAGA_STATUS_UNSPECIFIED:
+        return ""
+    return sagas_pb2.SagaStatus.Name(status).removeprefix("SAGA_STATUS_")  # type: ignore[arg-type]
+
+
+def saga_to_pb(saga: Saga) -> sagas_pb2.Saga:
+    message = sagas_pb2.Saga(
+        saga_id=saga.saga_id,
+        saga_type=saga.saga_type,
+        status=sagas_pb2.SagaStatus.Value(f"SAGA_STATUS_{saga.status.value}"),
+        steps=[
+            sagas_pb2.SagaStep(
+                name=step.name,
+                status=sagas_pb2.StepStatus.Value(f"STEP_STATUS_{step.status.value}"),
+                attempts=step.attempts,
+                error=step.error,
+                compensation_attempts=step.compensation_attempts,
+            )
+            for step in saga.steps
+        ],
+        failure_reason=saga.failure_reason,
+        correlation_id=saga.correlation_id,
+    )
+    message.context.update(saga.context)
+    message.started_at.FromDatetime(saga.started_at)
+    message.updated_at.FromDatetime(saga.updated_at)
+    return message
+
+
+def saga_to_json(saga: Saga) -> dict[str, Any]:
+    """A saga as proto3 JSON, its context with whole numbers as ints."""
+    body = message_to_json(saga_to_pb(saga))
+    body["context"] = saga.context
+    return body
+
+
+def start_saga_body_to_pb(body: Any) -> sagas_pb2.StartSagaRequest:
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    message = sagas_pb2.StartSagaRequest()
+    parse_json(body, message)
     return message

@@ -13,17 +13,15 @@ from typing import Any, cast
 
 import grpc
 import httpx
-import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from google.protobuf import json_format, struct_pb2
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
 from kpg.v1 import read_models_pb2 as rm
-from sqlalchemy.engine import make_url
 
 from gateway.domain.events import Position
-from tests.conftest import Backends
+from tests.conftest import Backends, fresh_postgres_database
 from tests.support import SERVING, GatewayProcess, eventually, wait_for_health
 
 pytestmark = pytest.mark.e2e
@@ -48,22 +46,6 @@ read_models:
     category: {category}
     python: tests.e2e.projections:tally
 """
-
-
-def _fresh_database(postgres_url: str) -> str:
-    """A database of its own on the test server, so gateways never share read-model tables by accident."""
-    name = f"kpg_{uuid.uuid4().hex[:12]}"
-    url = make_url(postgres_url)
-    with psycopg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password,
-        dbname=url.database,
-        autocommit=True,
-    ) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @dataclass
@@ -118,7 +100,11 @@ def _new_deployment(backends: Backends, workdir: Path, repo_root: Path, database
 async def any_database(
     request: pytest.FixtureRequest, backends: Backends, tmp_path: Path, repo_root: Path
 ) -> AsyncIterator[Deployment]:
-    url = _fresh_database(request.getfixturevalue("postgres_url")) if request.param == "postgresql" else ""
+    url = (
+        fresh_postgres_database(request.getfixturevalue("postgres_url"))
+        if request.param == "postgresql"
+        else ""
+    )
     deployment = _new_deployment(backends, tmp_path, repo_root, url)
     yield deployment
     deployment.kill_all()
@@ -558,7 +544,7 @@ async def test_two_gateways_on_one_postgresql_apply_every_event_once(
 ) -> None:
     """Both instances run the model's consumer group: each event is applied by exactly one of them (an
     increment applied twice, or lost, would show in the fold)."""
-    deployment = _new_deployment(backends, tmp_path, repo_root, _fresh_database(postgres_url))
+    deployment = _new_deployment(backends, tmp_path, repo_root, fresh_postgres_database(postgres_url))
     try:
         first = await deployment.start()
         second = await deployment.start()

@@ -61,6 +61,32 @@ def test_default_topic_is_category_dot_events() -> None:
             "sagas.s.max_attempts",
         ),
         ({"request_reply": {"topics": "not-a-list"}}, "request_reply.topics"),
+        (
+            {
+                "categories": {"o": {}},
+                "sagas": {"s": {"steps": [{"name": "a", "topic": "o.events", "command": "C"}]}},
+            },
+            "sagas.s.steps.0.topic",
+        ),
+        (
+            {"sagas": {"s": {"steps": [{"name": "a", "topic": "kpg.sagas.x", "command": "C"}]}}},
+            "sagas.s.steps.0.topic",
+        ),
+        (
+            {"sagas": {"s": {"steps": [{"name": "a", "topic": "x.DLT", "command": "C"}]}}},
+            "sagas.s.steps.0.topic",
+        ),
+        (
+            {
+                "sagas": {
+                    "s": {
+                        "compensation_max_attempts": 0,
+                        "steps": [{"name": "a", "topic": "t", "command": "C"}],
+                    }
+                }
+            },
+            "sagas.s.compensation_max_attempts",
+        ),
     ],
 )
 def test_invalid_definitions_name_the_bad_key(document: dict[str, object], key: str) -> None:

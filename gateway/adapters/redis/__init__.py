@@ -4,6 +4,7 @@ from gateway.adapters.redis.client import RedisClient, redis_answers
 from gateway.adapters.redis.stores import (
     Begin,
     BeginOutcome,
+    ChangeFeed,
     CorrelationStore,
     IdempotencyStore,
     LeaseStore,
@@ -14,6 +15,7 @@ from gateway.adapters.redis.stores import (
 __all__ = [
     "Begin",
     "BeginOutcome",
+    "ChangeFeed",
     "CorrelationStore",
     "IdempotencyStore",
     "LeaseStore",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -158,5 +158,31 @@ class CorrelationStore:
                 if message is not None and message.get("type") == "message":
                     correlation_id, _, reply = bytes(message["data"]).partition(b"\n")
                     yield correlation_id.decode(), reply
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class ChangeFeed:
+    """Best-effort announcements that something changed (its id), for watchers on every instance. Redis
+    only tells: the state lives elsewhere, and watchers also look on their own now and then, since a
+    notification can be lost (pub/sub keeps nothing for a subscriber that was away)."""
+
+    def __init__(self, client: RedisClient, channel: str) -> None:
+        self._client = client
+        self.channel = channel
+
+    async def publish(self, ids: Sequence[str]) -> None:
+        if ids:
+            await self._client.call(self._client.redis.publish, self.channel, "\n".join(ids))
+
+    async def notifications(self) -> AsyncIterator[list[str]]:
+        """The ids announced by any instance, batch by batch."""
+        pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self._client.call(pubsub.subscribe, self.channel)
+            while True:
+                message = await self._client.call(pubsub.get_message, timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    yield bytes(message["data"]).decode().split("\n")
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

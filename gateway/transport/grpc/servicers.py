@@ -1,13 +1,14 @@
 """gRPC servicers: convert the request, call the service, convert the answer; nothing else.
 
 Patterns that have not landed yet are served by placeholders that answer UNIMPLEMENTED with a message
-naming the pattern, so clients generated today get a clear status instead of a hang or a 404.
+naming the pattern, so clients generated today get a clear status instead of a hang or a 404. `bindings`
+puts a pattern's servicer in place of its placeholder (see gateway/patterns.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,16 +207,13 @@ class RequestReplyServicer(request_reply_pb2_grpc.RequestReplyServicer):
         return convert.reply_to_pb(reply)
 
 
-def bindings(
-    event_store: EventStore, read_models: ReadModels, requests: RequestReply, *, write_timeout_s: float
-) -> list[ServiceBinding]:
-    """The services of this gateway: implemented ones replace their placeholder."""
-    implemented: dict[str, object] = {
-        "kpg.v1.EventStore": EventStoreServicer(event_store, write_timeout_s=write_timeout_s),
-        "kpg.v1.ReadModels": ReadModelsServicer(read_models),
-        "kpg.v1.RequestReply": RequestReplyServicer(requests),
-    }
+def bindings(implemented: Mapping[str, object]) -> list[ServiceBinding]:
+    """Every service of the API: those in `implemented` (servicers by full service name, such as
+    "kpg.v1.EventStore") replace their placeholder; the others keep answering UNIMPLEMENTED."""
+    defaults = default_bindings()
+    unknown = set(implemented) - {b.full_name for b in defaults}
+    if unknown:
+        raise ValueError(f"no such gRPC service in the API: {', '.join(sorted(unknown))}")
     return [
-        ServiceBinding(b.descriptor, implemented.get(b.full_name, b.servicer), b.register)
-        for b in default_bindings()
+        ServiceBinding(b.descriptor, implemented.get(b.full_name, b.servicer), b.register) for b in defaults
     ]

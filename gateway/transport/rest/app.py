@@ -1,17 +1,21 @@
 """`create_rest_app`: the REST bridge (contract section "REST bridge") plus the operations routes.
 
-Every route calls the same services as gRPC; routes whose pattern has not landed yet answer 501 with
-the contract's error body, naming the pattern.
+Every route calls the same services as gRPC. A contract route that no pattern's router serves yet answers
+501 with the contract's error body, naming the pattern that brings it (`PLANNED_ROUTES`); once a router
+serves that method and path, the placeholder is left out by itself.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeAlias
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import NotImplementedYet, PayloadTooLarge
@@ -22,7 +26,10 @@ from gateway.transport.rest.errors import error_response, install_error_handlers
 # A 4 MiB append travels as base64 or JSON text, which is bigger than 4 MiB: leave room for it.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
-# (method, path, rpc, pattern): the contract's REST routes that later issues implement.
+# A pattern's REST routes; the composition layer passes them here without importing fastapi itself.
+Router: TypeAlias = APIRouter
+
+# (method, path, rpc, pattern): contract routes answering 501 until a pattern's router serves them.
 PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
     ("POST", "/v1/sagas", "Sagas.StartSaga", "start-saga"),
     ("GET", "/v1/sagas", "Sagas.ListSagas", "start-saga"),
@@ -43,7 +50,7 @@ PLANNED_ROUTES: list[tuple[str, str, str, str]] = [
 def create_rest_app(
     *,
     monitor: BackendMonitor,
-    routers: Sequence[APIRouter] = (),
+    routers: Sequence[Router] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(
@@ -91,7 +98,10 @@ def create_rest_app(
 
     for router in routers:
         app.include_router(router)
+    served = {route for router in routers for route in _routes(router)}
     for method, path, rpc, pattern in PLANNED_ROUTES:
+        if (method, _shape(path)) in served:
+            continue
         app.add_api_route(
             path,
             _not_implemented(rpc, pattern),
@@ -172,6 +182,21 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None  # the server rejects such a request before it reaches the app
     return None
+
+
+def _routes(router: Router) -> set[tuple[str, str]]:
+    """(method, path shape) of every route the router serves."""
+    return {
+        (method, _shape(route.path))
+        for route in router.routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+    }
+
+
+def _shape(path: str) -> str:
+    """The path with its parameters unnamed: `/v1/sagas/{id}` serves `/v1/sagas/{saga_id}`."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
 
 
 def _not_implemented(rpc: str, pattern: str) -> Callable[[], Awaitable[None]]:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import StreamingResponse
-from starlette.types import Send
 
 from gateway.domain.events import ReadStreamQuery, SubscribeQuery
-from gateway.errors import GatewayError, SubscriberTooSlow
+from gateway.errors import GatewayError
 from gateway.services.events import EventStore
 from gateway.transport import convert
 from gateway.transport.rest.errors import error_body
+from gateway.transport.rest.sse import SseResponse
 
 
 def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRouter:
@@ -83,7 +82,7 @@ def event_store_router(store: EventStore, *, write_timeout_s: float) -> APIRoute
             category, stream_id, from_version=from_version, from_position=last_event_id or from_position
         )
         events = await store.subscribe(query)
-        return _SseResponse(_sse(events), write_timeout_s=write_timeout_s)
+        return SseResponse(_sse(events), write_timeout_s=write_timeout_s)
 
     return router
 
@@ -95,26 +94,3 @@ async def _sse(events: AsyncIterator[tuple[Any, str]]) -> AsyncIterator[str]:
             yield f"id: {position}\nevent: event\ndata: {data}\n\n"
     except GatewayError as exc:
         yield f"event: error\ndata: {json.dumps(error_body(exc))}\n\n"
-
-
-class _SseResponse(StreamingResponse):
-    """A stream whose writes time out: a client that stops reading is disconnected, not buffered for."""
-
-    def __init__(self, content: AsyncIterator[str], *, write_timeout_s: float) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._write_timeout_s = write_timeout_s
-
-    async def stream_response(self, send: Send) -> None:
-        timeout = self._write_timeout_s
-
-        async def timed_send(message: Any) -> None:
-            try:
-                await asyncio.wait_for(send(message), timeout)
-            except TimeoutError:
-                raise SubscriberTooSlow("the subscriber stopped reading") from None
-
-        await super().stream_response(timed_send)

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kpg/v1/sagas.proto\x12\x06kpg.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x02\n\x04Saga\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x11\n\tsaga_type\x18\x02 \x01(\t\x12\"\n\x06status\x18\x03 \x01(\x0e\x32\x12.kpg.v1.SagaStatus\x12\x1f\n\x05steps\x18\x04 \x03(\x0b\x32\x10.kpg.v1.SagaStep\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\"]\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.kpg.v1.StepStatus\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x8f\x01\n\x10StartSagaRequest\x12\x11\n\tsaga_type\x18\x01 \x01(\t\x12\x0f\n\x07saga_id\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\"!\n\x0eGetSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"l\n\x10ListSagasRequest\x12\x11\n\tsaga_type\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.kpg.v1.SagaStatus\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x11ListSagasResponse\x12\x1b\n\x05sagas\x18\x01 \x03(\x0b\x32\x0c.kpg.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t*\xb0\x01\n\nSagaStatus\x12\x1b\n\x17SAGA_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SAGA_STATUS_RUNNING\x10\x01\x12\x19\n\x15SAGA_STATUS_COMPLETED\x10\x02\x12\x1c\n\x18SAGA_STATUS_COMPENSATING\x10\x03\x12\x1b\n\x17SAGA_STATUS_COMPENSATED\x10\x04\x12\x16\n\x12SAGA_STATUS_FAILED\x10\x05*\xe4\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12\x19\n\x15STEP_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12STEP_STATUS_FAILED\x10\x04\x12\x19\n\x15STEP_STATUS_TIMED_OUT\x10\x05\x12\x1c\n\x18STEP_STATUS_COMPENSATING\x10\x06\x12\x1b\n\x17STEP_STATUS_COMPENSATED\x10\x07\x32\xe6\x01\n\x05Sagas\x12\x33\n\tStartSaga\x12\x18.kpg.v1.StartSagaRequest\x1a\x0c.kpg.v1.Saga\x12/\n\x07GetSaga\x12\x16.kpg.v1.GetSagaRequest\x1a\x0c.kpg.v1.Saga\x12@\n\tListSagas\x12\x18.kpg.v1.ListSagasRequest\x1a\x19.kpg.v1.ListSagasResponse\x12\x35\n\tWatchSaga\x12\x18.kpg.v1.WatchSagaRequest\x1a\x0c.kpg.v1.Saga0\x01\x42\x46\n\ndev.kpg.v1B\nSagasProtoP\x01Z*github.com/kpg/gateway/gen/go/kpg/v1;kpgv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kpg/v1/sagas.proto\x12\x06kpg.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x02\n\x04Saga\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x11\n\tsaga_type\x18\x02 \x01(\t\x12\"\n\x06status\x18\x03 \x01(\x0e\x32\x12.kpg.v1.SagaStatus\x12\x1f\n\x05steps\x18\x04 \x03(\x0b\x32\x10.kpg.v1.SagaStep\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\"|\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.kpg.v1.StepStatus\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x1d\n\x15\x63ompensation_attempts\x18\x05 \x01(\r\"\x8f\x01\n\x10StartSagaRequest\x12\x11\n\tsaga_type\x18\x01 \x01(\t\x12\x0f\n\x07saga_id\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\"!\n\x0eGetSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"l\n\x10ListSagasRequest\x12\x11\n\tsaga_type\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.kpg.v1.SagaStatus\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x11ListSagasResponse\x12\x1b\n\x05sagas\x18\x01 \x03(\x0b\x32\x0c.kpg.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t*\xb0\x01\n\nSagaStatus\x12\x1b\n\x17SAGA_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SAGA_STATUS_RUNNING\x10\x01\x12\x19\n\x15SAGA_STATUS_COMPLETED\x10\x02\x12\x1c\n\x18SAGA_STATUS_COMPENSATING\x10\x03\x12\x1b\n\x17SAGA_STATUS_COMPENSATED\x10\x04\x12\x16\n\x12SAGA_STATUS_FAILED\x10\x05*\xe4\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12\x19\n\x15STEP_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12STEP_STATUS_FAILED\x10\x04\x12\x19\n\x15STEP_STATUS_TIMED_OUT\x10\x05\x12\x1c\n\x18STEP_STATUS_COMPENSATING\x10\x06\x12\x1b\n\x17STEP_STATUS_COMPENSATED\x10\x07\x32\xe6\x01\n\x05Sagas\x12\x33\n\tStartSaga\x12\x18.kpg.v1.StartSagaRequest\x1a\x0c.kpg.v1.Saga\x12/\n\x07GetSaga\x12\x16.kpg.v1.GetSagaRequest\x1a\x0c.kpg.v1.Saga\x12@\n\tListSagas\x12\x18.kpg.v1.ListSagasRequest\x1a\x19.kpg.v1.ListSagasResponse\x12\x35\n\tWatchSaga\x12\x18.kpg.v1.WatchSagaRequest\x1a\x0c.kpg.v1.Saga0\x01\x42\x46\n\ndev.kpg.v1B\nSagasProtoP\x01Z*github.com/kpg/gateway/gen/go/kpg/v1;kpgv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kpg.v1.sagas_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\ndev.kpg.v1B\nSagasProtoP\001Z*github.com/kpg/gateway/gen/go/kpg/v1;kpgv1'
-  _globals['_SAGASTATUS']._serialized_start=892
-  _globals['_SAGASTATUS']._serialized_end=1068
-  _globals['_STEPSTATUS']._serialized_start=1071
-  _globals['_STEPSTATUS']._serialized_end=1299
+  _globals['_SAGASTATUS']._serialized_start=923
+  _globals['_SAGASTATUS']._serialized_end=1099
+  _globals['_STEPSTATUS']._serialized_start=1102
+  _globals['_STEPSTATUS']._serialized_end=1330
   _globals['_SAGA']._serialized_start=94
   _globals['_SAGA']._serialized_end=391
   _globals['_SAGASTEP']._serialized_start=393
-  _globals['_SAGASTEP']._serialized_end=486
-  _globals['_STARTSAGAREQUEST']._serialized_start=489
-  _globals['_STARTSAGAREQUEST']._serialized_end=632
-  _globals['_GETSAGAREQUEST']._serialized_start=634
-  _globals['_GETSAGAREQUEST']._serialized_end=667
-  _globals['_LISTSAGASREQUEST']._serialized_start=669
-  _globals['_LISTSAGASREQUEST']._serialized_end=777
-  _globals['_LISTSAGASRESPONSE']._serialized_start=779
-  _globals['_LISTSAGASRESPONSE']._serialized_end=852
-  _globals['_WATCHSAGAREQUEST']._serialized_start=854
-  _globals['_WATCHSAGAREQUEST']._serialized_end=889
-  _globals['_SAGAS']._serialized_start=1302
-  _globals['_SAGAS']._serialized_end=1532
+  _globals['_SAGASTEP']._serialized_end=517
+  _globals['_STARTSAGAREQUEST']._serialized_start=520
+  _globals['_STARTSAGAREQUEST']._serialized_end=663
+  _globals['_GETSAGAREQUEST']._serialized_start=665
+  _globals['_GETSAGAREQUEST']._serialized_end=698
+  _globals['_LISTSAGASREQUEST']._serialized_start=700
+  _globals['_LISTSAGASREQUEST']._serialized_end=808
+  _globals['_LISTSAGASRESPONSE']._serialized_start=810
+  _globals['_LISTSAGASRESPONSE']._serialized_end=883
+  _globals['_WATCHSAGAREQUEST']._serialized_start=885
+  _globals['_WATCHSAGAREQUEST']._serialized_end=920
+  _globals['_SAGAS']._serialized_start=1333
+  _globals['_SAGAS']._serialized_end=1563
 # @@protoc_insertion_point(module_scope)

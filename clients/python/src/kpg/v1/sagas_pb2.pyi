@@ -173,6 +173,7 @@ class SagaStep(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    COMPENSATION_ATTEMPTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Step name from the definitions file."""
     status: Global___StepStatus.ValueType
@@ -181,6 +182,8 @@ class SagaStep(_message.Message):
     """Number of times the step's command has been sent."""
     error: _builtins.str
     """Last error reported by the participant or the timeout; empty otherwise."""
+    compensation_attempts: _builtins.int
+    """Number of times the step's compensation has been sent (0 unless the saga compensates this step)."""
     def __init__(
         self,
         *,
@@ -188,10 +191,11 @@ class SagaStep(_message.Message):
         status: Global___StepStatus.ValueType = ...,
         attempts: _builtins.int = ...,
         error: _builtins.str = ...,
+        compensation_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "name", b"name", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensation_attempts", b"compensation_attempts", "error", b"error", "name", b"name", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

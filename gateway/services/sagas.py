@@ -1,0 +1,544 @@
+"""start-saga: an orchestrator whose state lives in the SQL database, driven by replies and deadlines.
+
+How a saga moves (domain/sagas.py has the state machine):
+- StartSaga writes the saga (its first command due) and sends that command.
+- Participants reply on the deployment's saga reply topic; every gateway instance of the deployment consumes
+  it in one consumer group (through the shared ConsumerRunner), applies each reply and sends what follows.
+- Each instance sweeps the database for actions past their deadline (re-sent, or timed out, which starts
+  the compensations) and for changes whose record never reached Kafka (the instance died in between).
+
+Invariants:
+- Every change is a compare-and-set on the saga's version (`SagaStore.save`); a record is sent only for a
+  change this instance committed, after the commit. So with several instances each change is made by
+  exactly one of them, and a saga's records follow its changes, in order.
+- A change's record is marked dispatched only once Kafka acknowledged it; until then the sweep sends it
+  again after `dispatch_grace_ms` (same message id), so no command is lost to a crash.
+- Redis holds nothing a saga needs: only StartSaga's idempotency keys and change notifications for
+  watchers, who also poll. A restart of Redis or of every gateway loses no saga.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, FailurePolicy, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.redis import ChangeFeed
+from gateway.adapters.sql import SagaStore
+from gateway.definitions import Definitions
+from gateway.domain.dead_letters import dlt_topic
+from gateway.domain.sagas import (
+    CORRELATION_ID,
+    SAGA_DLT,
+    Kind,
+    Saga,
+    SagaPlan,
+    SagaStatus,
+    StartRequest,
+    StepReply,
+    StepStatus,
+    check_saga_id,
+    on_deadline,
+    on_reply,
+    outgoing,
+    parse_correlation,
+    saga_id_for,
+)
+from gateway.domain.sagas import start as start_saga
+from gateway.errors import (
+    BackendUnavailable,
+    IdempotencyKeyReused,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+)
+from gateway.services.dead_letter_writer import DeadLetterWriter
+from gateway.services.idempotency import Idempotency
+from gateway.settings import KafkaSettings, SagasSettings
+from gateway.tasks import bounded, raise_if_cancelling, stop_task
+
+log = logging.getLogger(__name__)
+
+SAGAS = Counter("kpg_sagas_total", "Sagas that entered a status", ["saga_type", "status"])
+SAGA_SECONDS = Histogram(
+    "kpg_saga_seconds",
+    "From start to a final status",
+    ["saga_type", "status"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+STEP_SECONDS = Histogram(
+    "kpg_saga_step_seconds",
+    "From a step's first send to the reply that settled it",
+    ["saga_type", "step", "outcome"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+COMPENSATIONS = Counter(
+    "kpg_saga_compensations_total",
+    "Compensations by outcome (started, completed, failed)",
+    ["saga_type", "step", "outcome"],
+)
+TIMEOUTS = Counter(
+    "kpg_saga_step_timeouts_total",
+    "Action deadlines that passed: resent, or the step timed out for good (timed_out)",
+    ["saga_type", "step", "outcome"],
+)
+REPLIES = Counter(
+    "kpg_saga_replies_total",
+    "Records on the saga reply topic, by outcome (applied, stale, unknown saga, uncorrelated)",
+    ["outcome"],
+)
+
+MAX_CAS_ROUNDS = 5
+SWEEP_BATCH = 500
+SAGA_CHANGES_CHANNEL = "kpg:sagas:changes"  # Redis pub/sub: ids of sagas that changed
+_LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
+
+Change = Callable[[Saga], Saga | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SagaPage:
+    sagas: list[Saga]
+    next_page_token: str
+
+
+class Sagas:
+    def __init__(
+        self,
+        *,
+        settings: SagasSettings,
+        kafka: KafkaSettings,
+        definitions: Definitions,
+        admin: KafkaAdmin,
+        store: SagaStore,
+        changes: ChangeFeed,
+        idempotency: Idempotency,
+    ) -> None:
+        self._settings = settings
+        self._kafka = kafka
+        self._admin = admin
+        self._store = store
+        self._changes = changes
+        self._idempotency = idempotency
+        self._plans = {name: SagaPlan.of(name, d) for name, d in definitions.sagas.items()}
+        # Commands are small and each waits on a participant: no linger.
+        self._producer = AsyncProducer(kafka, **{"linger.ms": 1})
+        self._reply_topic = ""
+        self._consumer: ConsumerRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
+        self._started = False
+        self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._watching = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def topics(self) -> list[TopicSpec]:
+        """The saga dead-letter topic (the reply topic is named in start(), once the database answers)."""
+        return [TopicSpec(SAGA_DLT, self._kafka.default_partitions)]
+
+    async def start(self) -> None:
+        """Create the tables and the reply topic, consume replies, sweep. Needs Kafka and the database.
+        Idempotent; after a failure half-way the next call resumes."""
+        async with self._starting:
+            if self._started:
+                return
+            topic, group = await self._reply_names()
+            partitions = self._settings.reply_topic_partitions
+            await self._admin.ensure_topics(
+                [TopicSpec(topic, partitions), TopicSpec(dlt_topic(topic), partitions), *self.topics()]
+            )
+            self._reply_topic = topic
+            if self._consumer is None:
+                self._consumer = ConsumerRunner(
+                    self._kafka,
+                    group_id=group,
+                    topics=[topic],
+                    handler=self._on_replies,
+                    policy=FailurePolicy(dead_letter=DeadLetterWriter(self._producer)),
+                    linger_s=0.0,
+                    poll_timeout_s=0.1,
+                    **_LOW_LATENCY_CONSUMER,
+                )
+            await self._consumer.start()
+            if self._sweeper is None:
+                self._sweeper = asyncio.create_task(self._sweep_forever(), name="saga-sweeper")
+            if self._listener is None:
+                self._listener = asyncio.create_task(self._listen(), name="saga-change-notifications")
+            self._started = True
+            log.info("sagas: replies on topic %s, consumer group %s", topic, group)
+
+    async def _reply_names(self) -> tuple[str, str]:
+        topic, group = self._settings.reply_topic, self._settings.reply_group
+        if topic and group:
+            await asyncio.to_thread(self._store.ensure_tables)
+            return topic, group
+        deployment = await asyncio.to_thread(self._store.deployment_id)
+        return topic or f"kpg.sagas.{deployment}.replies", group or f"kpg-sagas-{deployment}"
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        await stop_task(self._sweeper, 2.0)
+        await stop_task(self._listener, 2.0)
+        if self._consumer is not None:
+            await self._consumer.stop(timeout_s)
+        await bounded(self._producer.close(timeout_s), timeout_s + 1.0, what="closing the saga producer")
+
+    # --- the API -------------------------------------------------------------------------------------------
+
+    async def start_saga(self, request: StartRequest) -> Saga:
+        """Create the saga and send its first command. Idempotent by idempotency key and by saga id: the same
+        request again returns the saga it started; a different one under the same key or id is refused."""
+        plan = self._plan(request.saga_type)
+        if len(request.correlation_id) > 200 or not request.correlation_id.isprintable():
+            raise InvalidArgument.field("correlation_id", "must be at most 200 printable characters")
+        size = len(json.dumps(request.input, default=str).encode())
+        if size > self._settings.max_input_bytes:
+            raise PayloadTooLarge(
+                f"the input is {size} bytes, more than {self._settings.max_input_bytes}",
+                metadata={"field": "input", "limit": str(self._settings.max_input_bytes)},
+            )
+        saga_id = saga_id_for(request)
+        created: list[Saga] = []
+
+        async def create() -> str:
+            created.append(await self._create(plan, saga_id, request))
+            return saga_id
+
+        await self._idempotency.run(
+            "start-saga",
+            request.idempotency_key,
+            fingerprint=request.fingerprint(),
+            action=create,
+            encode=str.encode,
+            decode=bytes.decode,
+        )
+        # Answered from the idempotency record: the saga as it is now.
+        return created[0] if created else await self.get(saga_id)
+
+    async def _create(self, plan: SagaPlan, saga_id: str, request: StartRequest) -> Saga:
+        saga = start_saga(plan, saga_id, request, datetime.now(UTC))
+        created = await asyncio.to_thread(self._store.create, saga)
+        if created is None:
+            existing = (await asyncio.to_thread(self._store.get, [saga_id])).get(saga_id)
+            if existing is None:  # created and gone again cannot happen (no deletes): the database is odd
+                raise BackendUnavailable(f"saga {saga_id} exists and cannot be read")
+            if existing.fingerprint != saga.fingerprint:
+                raise IdempotencyKeyReused(
+                    f"saga {saga_id} was started by a different request",
+                    metadata={"saga_id": saga_id, "idempotency_key": request.idempotency_key},
+                )
+            return existing
+        SAGAS.labels(plan.saga_type, SagaStatus.RUNNING.value).inc()
+        await self._dispatch([saga])
+        await self._announce([saga])
+        return saga
+
+    async def get(self, saga_id: str) -> Saga:
+        check_saga_id(saga_id)
+        found = (await asyncio.to_thread(self._store.get, [saga_id])).get(saga_id)
+        if found is None:
+            raise NotFound(f"no saga {saga_id!r}", metadata={"saga_id": saga_id})
+        return found
+
+    async def list_sagas(self, *, saga_type: str, status: str, limit: int, page_token: str) -> SagaPage:
+        """Sagas in start order, keyset-paged: a page never skips or repeats a saga as others start."""
+        if limit > self._settings.list_max_limit:
+            raise InvalidArgument.field("limit", f"must be at most {self._settings.list_max_limit}")
+        if status and status not in SagaStatus.__members__:
+            raise InvalidArgument.field("status", f"unknown status {status!r}")
+        limit = limit or self._settings.list_default_limit
+        after = _decode_token(page_token) if page_token else None
+        rows = await asyncio.to_thread(
+            self._store.page, saga_type=saga_type, status=status, after=after, limit=limit + 1
+        )
+        sagas = rows[:limit]
+        token = _encode_token(sagas[-1]) if len(rows) > limit else ""
+        return SagaPage(sagas, token)
+
+    async def watch(self, saga_id: str) -> AsyncIterator[Saga]:
+        """The saga's current state, then every version after it, ending after a final status. Arguments and
+        existence are checked before this returns, so a bad call fails before a stream opens."""
+        current = await self.get(saga_id)
+        if self._watching >= self._settings.max_watchers:
+            raise RateLimited(
+                f"this gateway serves {self._settings.max_watchers} saga watchers already",
+                retry_after_ms=1000,
+                metadata={"limit": str(self._settings.max_watchers)},
+            )
+        return self._follow(current)
+
+    async def _follow(self, current: Saga) -> AsyncIterator[Saga]:
+        changed = asyncio.Event()
+        self._watching += 1  # counted from the first iteration: the finally below runs only once started
+        self._watchers[current.saga_id].add(changed)
+        try:
+            yield current
+            last = current
+            while not last.status.final:
+                changed.clear()
+                for version in await asyncio.to_thread(self._store.history, current, last.version):
+                    yield version
+                    last = version
+                if last.status.final:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), self._settings.watch_poll_ms / 1000)
+                except TimeoutError:
+                    pass
+        finally:
+            self._watching -= 1
+            watchers = self._watchers.get(current.saga_id)
+            if watchers is not None:
+                watchers.discard(changed)
+                if not watchers:
+                    del self._watchers[current.saga_id]
+
+    def _plan(self, saga_type: str) -> SagaPlan:
+        if not saga_type:
+            raise InvalidArgument.field("saga_type", "is required")
+        plan = self._plans.get(saga_type)
+        if plan is None:
+            raise NotFound(
+                f"no saga type {saga_type!r} in the definitions", metadata={"saga_type": saga_type}
+            )
+        return plan
+
+    # --- orchestration -------------------------------------------------------------------------------------
+
+    async def _on_replies(self, records: Sequence[Record]) -> None:
+        """Apply a batch of replies: per saga in arrival order, every saga of the batch in one transaction."""
+        now = datetime.now(UTC)
+        changes: dict[str, list[Change]] = defaultdict(list)
+        for record in records:
+            correlation = record.header(CORRELATION_ID)
+            parsed = parse_correlation(correlation.decode(errors="replace")) if correlation else None
+            if parsed is None:
+                REPLIES.labels("uncorrelated").inc()
+                continue
+            saga_id, index, kind = parsed
+            reply = StepReply.parse(record.value)
+            changes[saga_id].append(self._reply_change(index, kind, reply, now))
+        if changes:
+            await self._change(changes, replies=True)
+
+    def _reply_change(self, index: int, kind: Kind, reply: StepReply, now: datetime) -> Change:
+        def change(saga: Saga) -> Saga | None:
+            plan = self._plans.get(saga.saga_type)
+            if plan is None:
+                log.warning(
+                    "saga %s has type %s, no longer defined: reply ignored", saga.saga_id, saga.saga_type
+                )
+                return None
+            return on_reply(plan, saga, index, kind, reply, now)
+
+        return change
+
+    def _deadline_change(self, now: datetime) -> Change:
+        def change(saga: Saga) -> Saga | None:
+            plan = self._plans.get(saga.saga_type)
+            return None if plan is None else on_deadline(plan, saga, now)
+
+        return change
+
+    async def _change(self, changes: dict[str, list[Change]], *, replies: bool) -> None:
+        """Apply each saga's changes in order and commit them compare-and-set; a saga another instance moved
+        meanwhile is read again and its changes re-applied to what it is now. Then send what is due.
+        `replies`: the changes are replies (counted in kpg_saga_replies_total), not deadlines."""
+        pending = dict(changes)
+        committed: list[tuple[Saga, Saga]] = []  # (before, after) of each committed version
+        for _ in range(MAX_CAS_ROUNDS):
+            if not pending:
+                break
+            found = await asyncio.to_thread(self._store.get, list(pending))
+            versions: list[tuple[Saga, Saga]] = []
+            for saga_id, fns in pending.items():
+                saga = found.get(saga_id)
+                if saga is None:
+                    if replies:
+                        REPLIES.labels("unknown").inc(len(fns))
+                    continue
+                for fn in fns:
+                    after = fn(saga)
+                    if after is None:
+                        if replies:
+                            REPLIES.labels("stale").inc()
+                        continue
+                    versions.append((saga, after))
+                    saga = after
+            written = {
+                (s.saga_id, s.version)
+                for s in await asyncio.to_thread(self._store.save, [a for _, a in versions])
+            }
+            lost = {a.saga_id for _, a in versions if (a.saga_id, a.version) not in written}
+            committed += [
+                (b, a) for b, a in versions if (a.saga_id, a.version) in written and a.saga_id not in lost
+            ]
+            pending = {saga_id: pending[saga_id] for saga_id in lost}
+        if pending:
+            raise BackendUnavailable(f"{len(pending)} sagas kept changing under this instance; retrying")
+        for before, after in committed:
+            _observe(before, after)
+        if replies:
+            REPLIES.labels("applied").inc(len(committed))
+        latest: dict[str, Saga] = {}
+        for _, after in committed:
+            latest[after.saga_id] = after
+        await self._dispatch([s for s in latest.values() if not s.dispatched])
+        await self._announce(list(latest.values()))
+
+    async def _dispatch(self, sagas: Sequence[Saga]) -> None:
+        """Send each saga's due record and mark it dispatched once Kafka has it. A send that fails leaves its
+        saga undispatched for the sweep (logged, not raised: the change itself is committed)."""
+        sends = []
+        for saga in sagas:
+            plan = self._plans.get(saga.saga_type)
+            record = None if plan is None else outgoing(plan, saga, reply_topic=self._reply_topic)
+            if record is not None:
+                sends.append(
+                    (
+                        saga,
+                        self._producer.produce(
+                            record.topic, record.value, key=record.key, headers=record.headers
+                        ),
+                    )
+                )
+        if not sends:
+            return
+        results = await asyncio.gather(*(send for _, send in sends), return_exceptions=True)
+        done = []
+        for (saga, _), result in zip(sends, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                log.warning(
+                    "saga %s: record not sent yet (%s); the sweep sends it again", saga.saga_id, result
+                )
+            else:
+                done.append((saga.saga_id, saga.version))
+        try:
+            await asyncio.to_thread(self._store.mark_dispatched, done)
+        except BackendUnavailable as exc:
+            log.warning("could not mark %d saga records sent (%s); they may be sent again", len(done), exc)
+
+    async def _announce(self, sagas: Sequence[Saga]) -> None:
+        """Wake this instance's watchers at once, and every other instance's through Redis (best effort)."""
+        for saga in sagas:
+            for event in self._watchers.get(saga.saga_id, ()):
+                event.set()
+        try:
+            await self._changes.publish([s.saga_id for s in sagas])
+        except BackendUnavailable as exc:
+            log.debug("saga change notification not published: %s", exc)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async for saga_ids in self._changes.notifications():
+                    for saga_id in saga_ids:
+                        for event in self._watchers.get(saga_id, ()):
+                            event.set()
+            except BackendUnavailable as exc:
+                raise_if_cancelling()
+                log.warning("saga change notifications: %s; resubscribing", exc)
+                await asyncio.sleep(1.0)
+
+    # --- sweeps --------------------------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        interval = self._settings.sweep_interval_ms / 1000
+        last_dispatch_sweep = 0.0
+        while True:
+            try:
+                await self.sweep_deadlines()
+                if time.monotonic() - last_dispatch_sweep >= min(
+                    1.0, self._settings.dispatch_grace_ms / 2000
+                ):
+                    await self.sweep_undispatched()
+                    last_dispatch_sweep = time.monotonic()
+            except BackendUnavailable as exc:
+                raise_if_cancelling()
+                log.warning("saga sweep: %s; retrying", exc)
+                await asyncio.sleep(min(5.0, interval * 4))
+            except Exception:
+                raise_if_cancelling()
+                log.exception("saga sweep failed; retrying")
+                await asyncio.sleep(min(5.0, interval * 4))
+            await asyncio.sleep(interval)
+
+    async def sweep_deadlines(self) -> int:
+        """Handle every action past its deadline (re-send or time out); returns how many were due."""
+        now = datetime.now(UTC)
+        due = await asyncio.to_thread(self._store.due, int(now.timestamp() * 1000), SWEEP_BATCH)
+        if due:
+            change = self._deadline_change(now)
+            await self._change({s.saga_id: [change] for s in due}, replies=False)
+        return len(due)
+
+    async def sweep_undispatched(self) -> int:
+        """Send again the records of changes older than the grace period that never reached Kafka."""
+        before = datetime.now(UTC) - timedelta(milliseconds=self._settings.dispatch_grace_ms)
+        stale = await asyncio.to_thread(self._store.undispatched, before, SWEEP_BATCH)
+        if stale:
+            log.info("sending %d saga records again (their instance did not confirm them)", len(stale))
+            await self._dispatch(stale)
+        return len(stale)
+
+
+def _observe(before: Saga, after: Saga) -> None:
+    """Metrics of one committed change."""
+    saga_type = after.saga_type
+    if after.status is not before.status:
+        SAGAS.labels(saga_type, after.status.value).inc()
+        if after.status.final:
+            SAGA_SECONDS.labels(saga_type, after.status.value).observe(
+                (after.updated_at - after.started_at).total_seconds()
+            )
+    now_ms = int(after.updated_at.timestamp() * 1000)
+    for old, new in zip(before.steps, after.steps, strict=True):
+        if old == new:
+            continue
+        if old.status is StepStatus.RUNNING and new.status is not StepStatus.RUNNING:
+            outcome = new.status.value.lower()
+            if old.started_ms is not None:
+                STEP_SECONDS.labels(saga_type, new.name, outcome).observe((now_ms - old.started_ms) / 1000)
+            if new.status is StepStatus.TIMED_OUT:
+                TIMEOUTS.labels(saga_type, new.name, "timed_out").inc()
+        elif new.attempts > old.attempts:
+            TIMEOUTS.labels(saga_type, new.name, "resent").inc()
+        if new.status is StepStatus.COMPENSATING and old.status is not StepStatus.COMPENSATING:
+            COMPENSATIONS.labels(saga_type, new.name, "started").inc()
+        elif new.status is StepStatus.COMPENSATED and old.status is StepStatus.COMPENSATING:
+            COMPENSATIONS.labels(saga_type, new.name, "completed").inc()
+        elif new.compensation_attempts > old.compensation_attempts and old.compensation_attempts:
+            TIMEOUTS.labels(saga_type, new.name, "compensation_resent").inc()
+    if after.status is SagaStatus.FAILED and before.status is not SagaStatus.FAILED:
+        COMPENSATIONS.labels(saga_type, after.steps[after.cursor].name, "failed").inc()
+
+
+def _encode_token(saga: Saga) -> str:
+    raw = json.dumps([saga.started_at.isoformat(), saga.saga_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        started, saga_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        moment = datetime.fromisoformat(started)
+        if not isinstance(saga_id, str) or moment.tzinfo is None:
+            raise ValueError(token)
+        return moment, saga_id
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidArgument.field("page_token", "is not a token this gateway returned") from None
