@@ -272,6 +272,7 @@ class ReadModels:
 
     async def start(self) -> None:
         """Start every projection and the supervisor. Idempotent (start-up work may be retried)."""
+        await asyncio.to_thread(self._store.ensure_tables)
         await self._reconcile()
         if self._supervisor is None or self._supervisor.done():
             self._supervisor = asyncio.create_task(self._supervise(), name="read-models")

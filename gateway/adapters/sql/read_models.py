@@ -103,12 +103,25 @@ class ReadModelStore:
         self._metadata = MetaData()
         self._tables: dict[str, Table] = {}
         self._tables_lock = threading.Lock()
-        self._guard(
-            lambda: SQLModel.metadata.create_all(
-                self._engine,
-                tables=[ReadModelRow.__table__, ReadModelOffsetRow.__table__],  # type: ignore[attr-defined]
-            )
-        )
+        self._ready = False
+
+    def ensure_tables(self) -> None:
+        """Create the registry tables if missing: idempotent, and called once the database answers (not at
+        construction, so a gateway starts while its database is down). Two gateways creating them at the
+        same moment on PostgreSQL collide on the catalogue; the loser looks again and finds them."""
+        if self._ready:
+            return
+        tables = [ReadModelRow.__table__, ReadModelOffsetRow.__table__]  # type: ignore[attr-defined]
+
+        def create() -> None:
+            try:
+                SQLModel.metadata.create_all(self._engine, tables=tables)
+            except SQLAlchemyError:
+                SQLModel.metadata.create_all(self._engine, tables=tables)
+
+        with self._tables_lock:
+            self._guard(create)
+            self._ready = True
 
     @staticmethod
     def _guard(action: Callable[[], T]) -> T:
