@@ -25,7 +25,11 @@ import pytest
 from google.protobuf import json_format
 from kpg import GatewayClient, error_details
 from kpg.v1 import sagas_pb2 as sg
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.adapters.redis import redis_answers
+from gateway.devstack.processes import free_port, wait_until
+from gateway.devstack.redis import RedisNode, find_redis_server
 from tests.conftest import Backends, fresh_postgres_database
 from tests.support import SERVING, GatewayProcess, checking_consumer, eventually, wait_for_health
 
@@ -464,6 +468,23 @@ async def test_rest_starts_gets_lists_and_watches_with_server_sent_events(
         assert bad.status_code == 400 and bad.json()["error"]["reason"] == "INVALID_ARGUMENT"
 
 
+async def test_metrics_count_sagas_steps_compensations_and_timeouts(
+    gateway: GatewayProcess, participants: Participants
+) -> None:
+    async with GatewayClient(gateway.target) as client:
+        ok = await client.sagas.StartSaga(start_request("place_order", {"sku": "M"}))
+        silent = await client.sagas.StartSaga(start_request("silent_step", {"sku": "M"}))
+        await asyncio.gather(watch_to_the_end(client, ok.saga_id), watch_to_the_end(client, silent.saga_id))
+    assert _metric(gateway, "kpg_sagas_total", saga_type="place_order", status="COMPLETED") >= 1
+    assert _metric(gateway, "kpg_sagas_total", saga_type="silent_step", status="COMPENSATED") >= 1
+    confirmed = {"saga_type": "place_order", "step": "confirm_order", "outcome": "succeeded"}
+    assert _metric(gateway, "kpg_saga_step_seconds_count", **confirmed) >= 1
+    assert _metric(gateway, "kpg_saga_step_timeouts_total", step="ship", outcome="resent") >= 1
+    assert _metric(gateway, "kpg_saga_step_timeouts_total", step="ship", outcome="timed_out") >= 1
+    assert _metric(gateway, "kpg_saga_compensations_total", step="reserve_stock", outcome="completed") >= 1
+    assert _metric(gateway, "kpg_saga_seconds_count", saga_type="place_order", status="COMPLETED") >= 1
+
+
 # --- crashes and several instances ---------------------------------------------------------------------
 
 
@@ -568,7 +589,7 @@ async def test_two_instances_share_500_sagas_with_the_same_outcomes(
 
             await eventually(all_final, timeout_s=180, interval_s=0.5)
             after = await statuses_of(second, set(orders))
-        applied = [_metric(process, "kpg_saga_replies_total", 'outcome="applied"') for process in gateways]
+        applied = [_metric(process, "kpg_saga_replies_total", outcome="applied") for process in gateways]
     finally:
         for process in gateways:
             process.kill()
@@ -582,10 +603,54 @@ def _action(entry: dict[str, Any]) -> tuple[str, str, str]:
     return entry["saga_id"], entry["step"], entry["kind"]
 
 
-def _metric(process: GatewayProcess, name: str, labels: str) -> float:
-    text = httpx.get(f"{process.rest_url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and labels in line
-    )
+def _metric(process: GatewayProcess, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`, from the gateway's /metrics."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{process.rest_url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_sagas_run_on_while_redis_is_down_and_survive_its_restart(
+    backends: Backends, prefix: str, participants: Participants, tmp_path: Path
+) -> None:
+    """Redis only caches for sagas (idempotency keys, watch notifications): with it gone they still finish,
+    and after it restarts empty, a retried start finds its saga by the key's derived id."""
+    node = RedisNode(tmp_path / "redis", free_port())
+    binary = find_redis_server()
+    node.start(binary)
+    wait_until(lambda: redis_answers(node.url, 1.0), what="redis", timeout_s=30, process=node.process)
+    process = saga_gateway(
+        backends, tmp_path, write_definitions(tmp_path, prefix), KPG_REDIS__URL=node.url
+    ).start()
+    try:
+        await wait_for_health(process.target, SERVING, process=process)
+        async with GatewayClient(process.target) as client:
+            keys = {f"redis-{uuid.uuid4()}": order_of(i) for i in range(30)}
+            started = {
+                key: await client.sagas.StartSaga(start_request("place_order", order, idempotency_key=key))
+                for key, order in keys.items()
+            }
+            assert node.process.stop()
+            try:
+                saga_ids = {s.saga_id for s in started.values()}
+
+                async def all_final() -> bool:
+                    return all(s in FINAL for s in (await statuses_of(client, saga_ids)).values())
+
+                await eventually(all_final, timeout_s=60, interval_s=0.2)
+            finally:
+                node.start(binary)  # empty: persistence is off
+                wait_until(
+                    lambda: redis_answers(node.url, 1.0), what="redis", timeout_s=30, process=node.process
+                )
+            await wait_for_health(process.target, SERVING, process=process, timeout_s=60)
+            for key, order in keys.items():
+                again = await client.sagas.StartSaga(start_request("place_order", order, idempotency_key=key))
+                assert again.saga_id == started[key].saga_id and again.status == expected_status(order)
+    finally:
+        process.kill()
+        node.process.stop()
+    check_participants(participants, {s.saga_id: {} for s in started.values()})

@@ -1,0 +1,133 @@
+"""The saga orchestrator in-process, on a real Kafka, Redis and SQLite database: two instances on one database
+never both make a change (each send matches one committed change), and a change whose record never reached
+Kafka (a crash between the commit and the send) is sent by the sweep, once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from confluent_kafka import TopicPartition
+from prometheus_client import REGISTRY
+
+from gateway.adapters.kafka import KafkaAdmin, TopicSpec
+from gateway.adapters.redis import ChangeFeed, IdempotencyStore, RedisClient
+from gateway.adapters.sql import Database, SagaStore
+from gateway.definitions import parse_definitions
+from gateway.domain.sagas import SagaPlan, SagaStatus, StartRequest, StepStatus, start
+from gateway.services.idempotency import Idempotency, IdempotencySettings
+from gateway.services.sagas import Sagas
+from gateway.settings import SagasSettings
+from tests.conftest import Backends
+from tests.support import checking_consumer
+
+
+def definitions(topic: str) -> dict[str, object]:
+    # A step nobody answers, due at once: every sweep finds it overdue.
+    step = {"name": "ask", "topic": topic, "command": "Ask"}
+    return {"sagas": {"silent": {"step_timeout_ms": 1, "max_attempts": 5, "steps": [step]}}}
+
+
+@asynccontextmanager
+async def orchestrator(
+    backends: Backends, database_path: Path, topic: str, unique: str
+) -> AsyncIterator[Sagas]:
+    """One gateway instance's saga service (no reply consumer, no background sweep: the test sweeps)."""
+    redis = RedisClient(backends.redis())
+    database = Database(f"sqlite:///{database_path}")
+    sagas = Sagas(
+        settings=SagasSettings(reply_topic=f"{unique}.replies", reply_group=unique, dispatch_grace_ms=100),
+        kafka=backends.kafka(),
+        definitions=parse_definitions(definitions(topic)),
+        admin=KafkaAdmin(backends.kafka()),
+        store=SagaStore(database),
+        changes=ChangeFeed(redis, f"kpg:test:{unique}"),
+        idempotency=Idempotency(IdempotencyStore(redis), IdempotencySettings()),
+    )
+    try:
+        yield sagas
+    finally:
+        await sagas.stop(5.0)
+        await redis.close()
+        database.close()
+
+
+def commands_for(backends: Backends, topic: str, saga_id: str) -> list[bytes]:
+    """The message ids of every command on `topic` for `saga_id` (the whole single-partition topic)."""
+    consumer = checking_consumer(backends.bootstrap_servers)
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        found: list[bytes] = []
+        position = 0
+        while position < high:
+            message = consumer.poll(5)
+            assert message is not None, "the topic ended before its high watermark"
+            position = (message.offset() or 0) + 1
+            if message.error() is None and message.key() == saga_id.encode():
+                found.append(dict(message.headers() or [])["kpg-message-id"])  # type: ignore[arg-type]
+        return found
+    finally:
+        consumer.close()
+
+
+async def test_two_instances_sweeping_one_saga_make_each_change_once(
+    backends: Backends, tmp_path: Path, unique: str
+) -> None:
+    topic = f"{unique}.silent.commands"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 1)])
+    resent_before = _sample("kpg_saga_step_timeouts_total", outcome="resent")
+    async with (
+        orchestrator(backends, tmp_path / "sagas.db", topic, unique) as first,
+        orchestrator(backends, tmp_path / "sagas.db", topic, unique) as second,
+    ):
+        saga_id = f"race-{unique}"
+        await first.start_saga(StartRequest("silent", {}, saga_id=saga_id))
+        rounds = 0
+        async with asyncio.timeout(60):
+            while not (await first.get(saga_id)).status.final:
+                # Both see the same overdue version; only one may turn it into the next.
+                await asyncio.gather(first.sweep_deadlines(), second.sweep_deadlines())
+                rounds += 1
+        final = await second.get(saga_id)
+        history = await asyncio.to_thread(
+            SagaStore(Database(f"sqlite:///{tmp_path / 'sagas.db'}")).history, final, 0
+        )
+    assert final.status is SagaStatus.COMPENSATED
+    assert (final.steps[0].status, final.steps[0].attempts) == (StepStatus.TIMED_OUT, 5)
+    assert [s.version for s in history] == list(range(1, 7))  # the start, 4 re-sends, the time-out
+    # One send per attempt: the start's and each committed re-send's, never one per instance.
+    assert commands_for(backends, topic, saga_id) == [f"{saga_id}/0/command".encode()] * 5
+    assert _sample("kpg_saga_step_timeouts_total", outcome="resent") - resent_before == 4
+    assert rounds >= 5
+
+
+async def test_a_change_that_never_reached_kafka_is_sent_by_the_sweep_once(
+    backends: Backends, tmp_path: Path, unique: str
+) -> None:
+    topic = f"{unique}.silent.commands"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 1)])
+    saga_id = f"crashed-{unique}"
+    # What a gateway that died between committing and sending leaves behind: a saga not dispatched.
+    plan = SagaPlan.of("silent", parse_definitions(definitions(topic)).sagas["silent"])
+    written = start(plan, saga_id, StartRequest("silent", {"n": 1}), datetime.now(UTC) - timedelta(seconds=5))
+    store = SagaStore(Database(f"sqlite:///{tmp_path / 'sagas.db'}"))
+    assert await asyncio.to_thread(store.create, written) is not None
+    async with orchestrator(backends, tmp_path / "sagas.db", topic, unique) as sagas:
+        assert await sagas.sweep_undispatched() == 1
+        assert await sagas.sweep_undispatched() == 0
+        after = await sagas.get(saga_id)
+    assert after.dispatched and after.version == 1 and after.steps[0].attempts == 1  # no attempt spent
+    assert commands_for(backends, topic, saga_id) == [f"{saga_id}/0/command".encode()]
+
+
+def _sample(name: str, **labels: str) -> float:
+    total = 0.0
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
