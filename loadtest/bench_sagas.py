@@ -11,7 +11,8 @@ each number of sagas in flight, for --duration seconds each:
 - bare: each step's command produced as the gateway sends it (gateway/domain/sagas.py `_command`: same
   headers and JSON value), the participant's reply awaited by `kpg-correlation-id` on a reply topic of
   its own, then the next step.
-Also the CPU time each process spent per completed saga (the gateway's, the participants', this driver's).
+Also the CPU time each process spent per completed saga (the gateway's, the participants', this driver's),
+and the gateway's CPU per second while idle (during the bare rows, which do not use it).
 
 The participants run in a process of their own, as they would be deployed: the driver's work (64 watch
 streams, or the bare path's consumer) never delays their replies, and their CPU is measured apart.
@@ -377,11 +378,23 @@ class Row:
         ordered = sorted(self.durations_ms)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
 
+    @property
+    def per_saga(self) -> list[str]:
+        """The processes that worked on this row's sagas (the bare path leaves the gateway idle)."""
+        return [name for name in self.cpu_s if not (self.path == "bare" and name == "gateway")]
+
     def cpu_ms_per_saga(self, process: str) -> float:
-        return 1000 * self.cpu_s[process] / self.sagas if process in self.cpu_s and self.sagas else math.nan
+        if process not in self.per_saga or not self.sagas:
+            return math.nan
+        return 1000 * self.cpu_s[process] / self.sagas
+
+    @property
+    def idle_gateway_cpu_ms_per_s(self) -> float:
+        """The gateway's CPU while only the bare path runs: its baseline (sweeps, health checks, polls)."""
+        return 1000 * self.cpu_s["gateway"] / self.seconds if self.path == "bare" else math.nan
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        figures = {
             "path": self.path,
             "in_flight": self.in_flight,
             "seconds": _figure(self.seconds, 3),
@@ -390,8 +403,11 @@ class Row:
             "p50_ms": _figure(self.p(0.5), 1),
             "p99_ms": _figure(self.p(0.99), 1),
             "errors": dict(self.errors),
-            "cpu_ms_per_saga": {name: _figure(self.cpu_ms_per_saga(name), 2) for name in self.cpu_s},
+            "cpu_ms_per_saga": {name: _figure(self.cpu_ms_per_saga(name), 2) for name in self.per_saga},
         }
+        if self.path == "bare":
+            figures["idle_gateway_cpu_ms_per_s"] = _figure(self.idle_gateway_cpu_ms_per_s, 1)
+        return figures
 
 
 def _figure(value: float, digits: int) -> float | None:
@@ -441,31 +457,25 @@ async def measure(
     gateway_pid, participants_pid = gateway.process.pid, participants.process.pid
     await wait_for_health(gateway.target, SERVING, timeout_s=90, process=gateway)
 
-    def cpu_with_gateway() -> dict[str, float]:
+    def cpu() -> dict[str, float]:
         return {
             "gateway": cpu_seconds(gateway_pid),
             "participants": cpu_seconds(participants_pid),
             "driver": time.process_time(),
         }
 
-    def cpu_without_gateway() -> dict[str, float]:
-        return {"participants": cpu_seconds(participants_pid), "driver": time.process_time()}
-
     bare = BareSagas(args.bootstrap_servers, topics.steps, topics.bare_replies)
     await bare.start()
     try:
         async with GatewayClient(gateway.target) as client:
-            paths = [
-                ("gateway", through_gateway(client), cpu_with_gateway),
-                ("bare", bare.saga, cpu_without_gateway),
-            ]
-            for name, saga, cpu in paths:  # warm-up: connections, metadata, the consumers' partitions
+            paths = [("gateway", through_gateway(client)), ("bare", bare.saga)]
+            for name, saga in paths:  # warm-up: connections, metadata, the consumers' partitions
                 warm = await run_row(Row(name, 8), saga, args.warmup, cpu)
                 if warm.errors:
                     raise RuntimeError(f"warm-up of the {name} path failed: {dict(warm.errors)}")
             rows = []
             for in_flight in args.in_flight:
-                for name, saga, cpu in paths:
+                for name, saga in paths:
                     rows.append(await run_row(Row(name, in_flight), saga, args.duration, cpu))
             return rows
     finally:
@@ -508,6 +518,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
             f"{ms(row.cpu_ms_per_saga('gateway')):>7s} {ms(row.cpu_ms_per_saga('participants')):>12s} "
             f"{ms(row.cpu_ms_per_saga('driver')):>6s}"
         )
+    idle = ", ".join(f"{r.idle_gateway_cpu_ms_per_s:.0f}" for r in rows if r.path == "bare")
+    lines.append(f"gateway CPU while idle (during the bare rows): {idle} ms per second")
     lines.append(
         "ratio gateway/bare: "
         + "; ".join(

@@ -67,7 +67,7 @@ from gateway.errors import (
 from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.idempotency import Idempotency
 from gateway.settings import KafkaSettings, SagasSettings
-from gateway.tasks import bounded, raise_if_cancelling, stop_task
+from gateway.tasks import bounded, raise_if_cancelling, spawn, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ REPLIES = Counter(
 
 MAX_CAS_ROUNDS = 5
 SWEEP_BATCH = 500
+MAX_UNANNOUNCED = 10_000
 SAGA_CHANGES_CHANNEL = "kpg:sagas:changes"  # Redis pub/sub: ids of sagas that changed
 _LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
 
@@ -139,6 +140,8 @@ class Sagas:
         self._consumer: ConsumerRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
+        self._unannounced: set[str] = set()
         self._starting = asyncio.Lock()
         self._started = False
         self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
@@ -192,6 +195,7 @@ class Sagas:
     async def stop(self, timeout_s: float = 10.0) -> None:
         await stop_task(self._sweeper, 2.0)
         await stop_task(self._listener, 2.0)
+        await stop_task(self._announcing, 1.0)
         if self._consumer is not None:
             await self._consumer.stop(timeout_s)
         await bounded(self._producer.close(timeout_s), timeout_s + 1.0, what="closing the saga producer")
@@ -434,14 +438,25 @@ class Sagas:
             log.warning("could not mark %d saga records sent (%s); they may be sent again", len(done), exc)
 
     async def _announce(self, sagas: Sequence[Saga]) -> None:
-        """Wake this instance's watchers at once, and every other instance's through Redis (best effort)."""
+        """Wake this instance's watchers at once, and every other instance's through Redis: in the background
+        and best effort, so a slow or absent Redis never holds up a saga (watchers also poll). Ids changed
+        while a publish is on its way go out together in the next one; at most MAX_UNANNOUNCED wait."""
         for saga in sagas:
             for event in self._watchers.get(saga.saga_id, ()):
                 event.set()
-        try:
-            await self._changes.publish([s.saga_id for s in sagas])
-        except BackendUnavailable as exc:
-            log.debug("saga change notification not published: %s", exc)
+            if len(self._unannounced) < MAX_UNANNOUNCED:
+                self._unannounced.add(saga.saga_id)
+        if self._unannounced and (self._announcing is None or self._announcing.done()):
+            self._announcing = spawn(self._publish(), name="saga-announce")
+
+    async def _publish(self) -> None:
+        while self._unannounced:
+            saga_ids, self._unannounced = sorted(self._unannounced), set()
+            try:
+                await self._changes.publish(saga_ids)
+            except BackendUnavailable as exc:
+                log.debug("saga change notification not published: %s", exc)
+                return
 
     async def _listen(self) -> None:
         while True:
