@@ -134,7 +134,7 @@ class Sagas:
         self._changes = changes
         self._idempotency = idempotency
         self._plans = {name: SagaPlan.of(name, d) for name, d in definitions.sagas.items()}
-        # Commands are small and each waits on a participant: no linger.
+        # Commands are small and each one holds up a saga: next to no linger.
         self._producer = AsyncProducer(kafka, **{"linger.ms": 1})
         self._reply_topic = ""
         self._consumer: ConsumerRunner | None = None
@@ -206,6 +206,8 @@ class Sagas:
         """Create the saga and send its first command. Idempotent by idempotency key and by saga id: the same
         request again returns the saga it started; a different one under the same key or id is refused."""
         plan = self._plan(request.saga_type)
+        if not self._started:  # the reply topic, which every command names, is not known yet
+            raise BackendUnavailable("sagas are starting: the reply topic is not known yet")
         if len(request.correlation_id) > 200 or not request.correlation_id.isprintable():
             raise InvalidArgument.field("correlation_id", "must be at most 200 printable characters")
         size = len(json.dumps(request.input, default=str).encode())
@@ -476,6 +478,7 @@ class Sagas:
         interval = self._settings.sweep_interval_ms / 1000
         last_dispatch_sweep = 0.0
         while True:
+            await asyncio.sleep(interval)
             try:
                 await self.sweep_deadlines()
                 if time.monotonic() - last_dispatch_sweep >= min(
@@ -491,7 +494,6 @@ class Sagas:
                 raise_if_cancelling()
                 log.exception("saga sweep failed; retrying")
                 await asyncio.sleep(min(5.0, interval * 4))
-            await asyncio.sleep(interval)
 
     async def sweep_deadlines(self) -> int:
         """Handle every action past its deadline (re-send or time out); returns how many were due."""

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from confluent_kafka import TopicPartition
 from prometheus_client import REGISTRY
 
@@ -18,6 +19,7 @@ from gateway.adapters.redis import ChangeFeed, IdempotencyStore, RedisClient
 from gateway.adapters.sql import Database, SagaStore
 from gateway.definitions import parse_definitions
 from gateway.domain.sagas import SagaPlan, SagaStatus, StartRequest, StepStatus, start
+from gateway.errors import BackendUnavailable
 from gateway.services.idempotency import Idempotency, IdempotencySettings
 from gateway.services.sagas import Sagas
 from gateway.settings import SagasSettings
@@ -35,11 +37,17 @@ def definitions(topic: str) -> dict[str, object]:
 async def orchestrator(
     backends: Backends, database_path: Path, topic: str, unique: str
 ) -> AsyncIterator[Sagas]:
-    """One gateway instance's saga service (no reply consumer, no background sweep: the test sweeps)."""
+    """One gateway instance's saga service, started, its background sweep idle (an hour apart): the test
+    sweeps."""
     redis = RedisClient(backends.redis())
     database = Database(f"sqlite:///{database_path}")
     sagas = Sagas(
-        settings=SagasSettings(reply_topic=f"{unique}.replies", reply_group=unique, dispatch_grace_ms=100),
+        settings=SagasSettings(
+            reply_topic=f"{unique}.replies",
+            reply_group=unique,
+            dispatch_grace_ms=100,
+            sweep_interval_ms=3_600_000,
+        ),
         kafka=backends.kafka(),
         definitions=parse_definitions(definitions(topic)),
         admin=KafkaAdmin(backends.kafka()),
@@ -48,6 +56,7 @@ async def orchestrator(
         idempotency=Idempotency(IdempotencyStore(redis), IdempotencySettings()),
     )
     try:
+        await sagas.start()
         yield sagas
     finally:
         await sagas.stop(5.0)
@@ -131,3 +140,27 @@ def _sample(name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+async def test_no_saga_starts_before_its_reply_topic_is_known(
+    backends: Backends, tmp_path: Path, unique: str
+) -> None:
+    """Before start() (the database or Kafka not reached yet) a command could not name its reply topic."""
+    redis = RedisClient(backends.redis())
+    database = Database(f"sqlite:///{tmp_path / 'sagas.db'}")
+    sagas = Sagas(
+        settings=SagasSettings(),
+        kafka=backends.kafka(),
+        definitions=parse_definitions(definitions(f"{unique}.silent.commands")),
+        admin=KafkaAdmin(backends.kafka()),
+        store=SagaStore(database),
+        changes=ChangeFeed(redis, f"kpg:test:{unique}"),
+        idempotency=Idempotency(IdempotencyStore(redis), IdempotencySettings()),
+    )
+    try:
+        with pytest.raises(BackendUnavailable):
+            await sagas.start_saga(StartRequest("silent", {}))
+    finally:
+        await sagas.stop(5.0)
+        await redis.close()
+        database.close()

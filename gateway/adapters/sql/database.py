@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Table, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import create_engine, text
+from sqlmodel import SQLModel, create_engine, text
 
 from gateway.errors import BackendUnavailable
 
@@ -20,6 +21,15 @@ def normalize_url(url: str) -> str:
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
+
+
+def create_tables(engine: Engine, tables: Sequence[Table]) -> None:
+    """Create `tables` if missing. Two gateways creating them at the same moment collide (on PostgreSQL's
+    catalogue, for one): the loser looks again and finds them."""
+    try:
+        SQLModel.metadata.create_all(engine, tables=list(tables))
+    except SQLAlchemyError:
+        SQLModel.metadata.create_all(engine, tables=list(tables))
 
 
 class Database:

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Field, SQLModel, col
 
-from gateway.adapters.sql.database import Database
+from gateway.adapters.sql.database import Database, create_tables
 from gateway.adapters.sql.documents import (
     DocumentRow,
     FieldFilter,
@@ -107,20 +107,12 @@ class ReadModelStore:
 
     def ensure_tables(self) -> None:
         """Create the registry tables if missing: idempotent, and called once the database answers (not at
-        construction, so a gateway starts while its database is down). Two gateways creating them at the
-        same moment on PostgreSQL collide on the catalogue; the loser looks again and finds them."""
+        construction, so a gateway starts while its database is down)."""
         if self._ready:
             return
         tables = [ReadModelRow.__table__, ReadModelOffsetRow.__table__]  # type: ignore[attr-defined]
-
-        def create() -> None:
-            try:
-                SQLModel.metadata.create_all(self._engine, tables=tables)
-            except SQLAlchemyError:
-                SQLModel.metadata.create_all(self._engine, tables=tables)
-
         with self._tables_lock:
-            self._guard(create)
+            self._guard(lambda: create_tables(self._engine, tables))
             self._ready = True
 
     @staticmethod

@@ -19,7 +19,7 @@ from sqlalchemy import BigInteger, DateTime, Index, Text, and_, insert, or_, tup
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel, select
 
-from gateway.adapters.sql.database import Database
+from gateway.adapters.sql.database import Database, create_tables
 from gateway.domain.sagas import Saga, SagaStatus
 from gateway.errors import BackendUnavailable
 
@@ -85,10 +85,7 @@ class SagaStore:
         with self._creating, _translated("creating the saga tables"):
             if self._ready:
                 return
-            try:
-                SQLModel.metadata.create_all(self._engine, tables=_TABLES)
-            except SQLAlchemyError:  # another gateway created them at the same moment: look again
-                SQLModel.metadata.create_all(self._engine, tables=_TABLES)
+            create_tables(self._engine, _TABLES)
             self._ready = True
 
     def deployment_id(self) -> str:

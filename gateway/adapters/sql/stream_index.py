@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from gateway.adapters.sql.database import Database
+from gateway.adapters.sql.database import Database, create_tables
 from gateway.domain.events import StoredEvent
 from gateway.errors import BackendUnavailable
 
@@ -103,10 +103,7 @@ class StreamIndex:
         with self._creating, _translated("creating the stream index tables"):
             if self._ready:
                 return
-            try:
-                SQLModel.metadata.create_all(self._engine, tables=tables)
-            except SQLAlchemyError:  # another gateway created them at the same moment: look again
-                SQLModel.metadata.create_all(self._engine, tables=tables)
+            create_tables(self._engine, tables)
             self._ready = True
 
     def _session(self) -> Session:
