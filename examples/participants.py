@@ -19,9 +19,9 @@ same reply: a re-execution shows only in the journal (two "executed" lines for o
 Options: `--state-dir DIR` keeps each participant's outcomes in DIR/<participant>.sqlite3 (default: in
 memory, forgotten on exit); `--journal FILE` appends one JSON line per command received and per handler
 run: {"participant", "event": "received"|"executed", "message_id", "saga_id", "step", "command", "kind",
-"at"}; `--topic-prefix P` prefixes the topics and consumer groups (to run apart from others on one Kafka).
-The command topics are created (3 partitions) if missing. Prints `ready` once every participant has its
-partitions; SIGTERM or SIGINT stops it.
+"sent_at_ms" (when the orchestrator sent that copy), "at"}; `--topic-prefix P` prefixes the topics and
+consumer groups (to run apart from others on one Kafka). The command topics are created (3 partitions)
+if missing. Prints `ready` once every participant has its partitions; SIGTERM or SIGINT stops it.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class Journal:
             "step": command.step,
             "command": command.command,
             "kind": command.kind,
+            "sent_at_ms": command.sent_at_ms,
             "at": datetime.now(UTC).isoformat(),
         }
         os.write(self._fd, (json.dumps(line) + "\n").encode())

@@ -145,6 +145,8 @@ class Saga:
     failure_reason: str = ""
     correlation_id: str = ""
     fingerprint: str = ""
+    # The reply-topic partition whose consumer drives this saga (see services/sagas.py: ownership).
+    partition: int = 0
 
     @property
     def context(self) -> dict[str, Any]:
@@ -181,6 +183,7 @@ class Saga:
         deadline_ms: int | None,
         dispatched: bool,
         fingerprint: str,
+        partition: int = 0,
     ) -> Saga:
         state = json.loads(state_json)
         return cls(
@@ -202,6 +205,7 @@ class Saga:
             failure_reason=state["failure_reason"],
             correlation_id=state["correlation_id"],
             fingerprint=fingerprint,
+            partition=partition,
         )
 
 
@@ -289,8 +293,8 @@ class StepReply:
 # --- transitions -----------------------------------------------------------------------------------------
 
 
-def start(plan: SagaPlan, saga_id: str, request: StartRequest, now: datetime) -> Saga:
-    """A new saga with its first step's command due (not yet dispatched)."""
+def start(plan: SagaPlan, saga_id: str, request: StartRequest, now: datetime, *, partition: int = 0) -> Saga:
+    """A new saga with its first step's command due (not yet dispatched), driven from `partition`."""
     now_ms = _ms(now)
     first = plan.steps[0]
     steps = (
@@ -309,6 +313,7 @@ def start(plan: SagaPlan, saga_id: str, request: StartRequest, now: datetime) ->
         deadline_ms=now_ms + first.timeout_ms,
         correlation_id=request.correlation_id,
         fingerprint=request.fingerprint(),
+        partition=partition,
     )
 
 

@@ -7,10 +7,17 @@ How a saga moves (domain/sagas.py has the state machine):
 - Each instance sweeps the database for actions past their deadline (re-sent, or timed out, which starts
   the compensations) and for changes whose record never reached Kafka (the instance died in between).
 
+Ownership: each saga belongs to one partition of the reply topic (murmur2 of its id, stored with it), and
+the instance whose consumer holds that partition drives it: it applies the saga's replies (a reply that
+lands on another partition, from a participant that did not key it by saga id, is forwarded there) and
+sweeps only the sagas of its partitions. Within an instance, reply batches and sweeps take turns (one
+lock), each sending its records before the next begins. So a saga's records are sent in the order of its
+changes, one driver at a time; a rebalance moves a partition's sagas to another instance.
+
 Invariants:
 - Every change is a compare-and-set on the saga's version (`SagaStore.save`); a record is sent only for a
-  change this instance committed, after the commit. So with several instances each change is made by
-  exactly one of them, and a saga's records follow its changes, in order.
+  change this instance committed, after the commit. So even in the moment a partition moves between
+  instances, each change is made by exactly one of them.
 - A change's record is marked dispatched only once Kafka acknowledged it; until then the sweep sends it
   again after `dispatch_grace_ms` (same message id), so no command is lost to a crash.
 - Redis holds nothing a saga needs: only StartSaga's idempotency keys and change notifications for
@@ -38,6 +45,7 @@ from gateway.adapters.redis import ChangeFeed
 from gateway.adapters.sql import SagaStore
 from gateway.definitions import Definitions
 from gateway.domain.dead_letters import dlt_topic
+from gateway.domain.events import partition_for
 from gateway.domain.sagas import (
     CORRELATION_ID,
     SAGA_DLT,
@@ -137,6 +145,8 @@ class Sagas:
         # Commands are small and each one holds up a saga: next to no linger.
         self._producer = AsyncProducer(kafka, **{"linger.ms": 1})
         self._reply_topic = ""
+        self._reply_partitions = 1
+        self._driving = asyncio.Lock()  # reply batches and sweeps take turns (see Ownership above)
         self._consumer: ConsumerRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -165,6 +175,7 @@ class Sagas:
                 [TopicSpec(topic, partitions), TopicSpec(dlt_topic(topic), partitions), *self.topics()]
             )
             self._reply_topic = topic
+            self._reply_partitions = await self._admin.partitions(topic) or partitions
             if self._consumer is None:
                 self._consumer = ConsumerRunner(
                     self._kafka,
@@ -235,7 +246,8 @@ class Sagas:
         return created[0] if created else await self.get(saga_id)
 
     async def _create(self, plan: SagaPlan, saga_id: str, request: StartRequest) -> Saga:
-        saga = start_saga(plan, saga_id, request, datetime.now(UTC))
+        partition = partition_for(saga_id, self._reply_partitions)
+        saga = start_saga(plan, saga_id, request, datetime.now(UTC), partition=partition)
         created = await asyncio.to_thread(self._store.create, saga)
         if created is None:
             existing = (await asyncio.to_thread(self._store.get, [saga_id])).get(saga_id)
@@ -325,9 +337,10 @@ class Sagas:
     # --- orchestration -------------------------------------------------------------------------------------
 
     async def _on_replies(self, records: Sequence[Record]) -> None:
-        """Apply a batch of replies: per saga in arrival order, every saga of the batch in one transaction."""
+        """Apply a batch of replies: per saga in arrival order, every saga of the batch in one transaction.
+        A reply on another partition than its saga's is forwarded there, for that partition's owner."""
         now = datetime.now(UTC)
-        changes: dict[str, list[Change]] = defaultdict(list)
+        replies: list[tuple[Record, str, Change]] = []
         for record in records:
             correlation = record.header(CORRELATION_ID)
             parsed = parse_correlation(correlation.decode(errors="replace")) if correlation else None
@@ -335,10 +348,44 @@ class Sagas:
                 REPLIES.labels("uncorrelated").inc()
                 continue
             saga_id, index, kind = parsed
-            reply = StepReply.parse(record.value)
-            changes[saga_id].append(self._reply_change(index, kind, reply, now))
-        if changes:
-            await self._change(changes, replies=True)
+            replies.append(
+                (record, saga_id, self._reply_change(index, kind, StepReply.parse(record.value), now))
+            )
+        if not replies:
+            return
+        async with self._driving:
+            found = await asyncio.to_thread(self._store.get, list({saga_id for _, saga_id, _ in replies}))
+            changes: dict[str, list[Change]] = defaultdict(list)
+            forwards: list[tuple[Record, Saga]] = []
+            for record, saga_id, change in replies:
+                saga = found.get(saga_id)
+                if saga is None:
+                    REPLIES.labels("unknown").inc()
+                elif saga.partition != record.partition:
+                    forwards.append((record, saga))
+                else:
+                    changes[saga_id].append(change)
+            if forwards:
+                await self._forward(forwards)
+            if changes:
+                await self._change(changes, replies=True, found=found)
+
+    async def _forward(self, forwards: Sequence[tuple[Record, Saga]]) -> None:
+        """Hand replies to their sagas' partitions, keyed by saga id; only once Kafka has them does the
+        consumer move past the originals."""
+        await asyncio.gather(
+            *(
+                self._producer.produce(
+                    self._reply_topic,
+                    record.value,
+                    key=saga.saga_id.encode(),
+                    headers=record.headers,
+                    partition=saga.partition,
+                )
+                for record, saga in forwards
+            )
+        )
+        REPLIES.labels("forwarded").inc(len(forwards))
 
     def _reply_change(self, index: int, kind: Kind, reply: StepReply, now: datetime) -> Change:
         def change(saga: Saga) -> Saga | None:
@@ -359,16 +406,20 @@ class Sagas:
 
         return change
 
-    async def _change(self, changes: dict[str, list[Change]], *, replies: bool) -> None:
+    async def _change(
+        self, changes: dict[str, list[Change]], *, replies: bool, found: dict[str, Saga] | None = None
+    ) -> None:
         """Apply each saga's changes in order and commit them compare-and-set; a saga another instance moved
         meanwhile is read again and its changes re-applied to what it is now. Then send what is due.
-        `replies`: the changes are replies (counted in kpg_saga_replies_total), not deadlines."""
+        `replies`: the changes are replies (counted in kpg_saga_replies_total), not deadlines. `found`: the
+        sagas as just read, if the caller has them. The caller holds the driving lock."""
         pending = dict(changes)
         committed: list[tuple[Saga, Saga]] = []  # (before, after) of each committed version
         for _ in range(MAX_CAS_ROUNDS):
             if not pending:
                 break
-            found = await asyncio.to_thread(self._store.get, list(pending))
+            if found is None:
+                found = await asyncio.to_thread(self._store.get, list(pending))
             versions: list[tuple[Saga, Saga]] = []
             for saga_id, fns in pending.items():
                 saga = found.get(saga_id)
@@ -393,6 +444,7 @@ class Sagas:
                 (b, a) for b, a in versions if (a.saga_id, a.version) in written and a.saga_id not in lost
             ]
             pending = {saga_id: pending[saga_id] for saga_id in lost}
+            found = None
         if pending:
             raise BackendUnavailable(f"{len(pending)} sagas kept changing under this instance; retrying")
         for before, after in committed:
@@ -495,23 +547,42 @@ class Sagas:
                 log.exception("saga sweep failed; retrying")
                 await asyncio.sleep(min(5.0, interval * 4))
 
+    def owned_partitions(self) -> list[int]:
+        """The reply-topic partitions this instance's consumer holds: the sagas it drives."""
+        if self._consumer is None:
+            return []
+        assignment = set(self._consumer.assignment)  # a copy: the consumer thread updates it on rebalances
+        return sorted(p for t, p in assignment if t == self._reply_topic)
+
     async def sweep_deadlines(self) -> int:
-        """Handle every action past its deadline (re-send or time out); returns how many were due."""
-        now = datetime.now(UTC)
-        due = await asyncio.to_thread(self._store.due, int(now.timestamp() * 1000), SWEEP_BATCH)
-        if due:
-            change = self._deadline_change(now)
-            await self._change({s.saga_id: [change] for s in due}, replies=False)
-        return len(due)
+        """Handle every action of this instance's sagas past its deadline (re-send or time out); returns
+        how many were due."""
+        async with self._driving:
+            owned = self.owned_partitions()
+            if not owned:
+                return 0
+            now = datetime.now(UTC)
+            due = await asyncio.to_thread(self._store.due, int(now.timestamp() * 1000), SWEEP_BATCH, owned)
+            if due:
+                change = self._deadline_change(now)
+                await self._change(
+                    {s.saga_id: [change] for s in due}, replies=False, found={s.saga_id: s for s in due}
+                )
+            return len(due)
 
     async def sweep_undispatched(self) -> int:
-        """Send again the records of changes older than the grace period that never reached Kafka."""
-        before = datetime.now(UTC) - timedelta(milliseconds=self._settings.dispatch_grace_ms)
-        stale = await asyncio.to_thread(self._store.undispatched, before, SWEEP_BATCH)
-        if stale:
-            log.info("sending %d saga records again (their instance did not confirm them)", len(stale))
-            await self._dispatch(stale)
-        return len(stale)
+        """Send again the records of this instance's sagas' changes, older than the grace period, that never
+        reached Kafka."""
+        async with self._driving:
+            owned = self.owned_partitions()
+            if not owned:
+                return 0
+            before = datetime.now(UTC) - timedelta(milliseconds=self._settings.dispatch_grace_ms)
+            stale = await asyncio.to_thread(self._store.undispatched, before, SWEEP_BATCH, owned)
+            if stale:
+                log.info("sending %d saga records again (their instance did not confirm them)", len(stale))
+                await self._dispatch(stale)
+            return len(stale)
 
 
 def _observe(before: Saga, after: Saga) -> None:

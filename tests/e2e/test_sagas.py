@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 FINAL = {sg.SAGA_STATUS_COMPLETED, sg.SAGA_STATUS_COMPENSATED, sg.SAGA_STATUS_FAILED}
 STEPS = ["reserve_stock", "charge_payment", "confirm_order"]
+PARTICIPANT_NAMES = ["inventory", "payment", "orders"]
 
 
 def definitions(prefix: str, *, step_timeout_ms: int = 5000) -> dict[str, Any]:
@@ -111,7 +113,7 @@ class Participants:
         return self.workdir / "journal.jsonl"
 
     def start(self) -> None:
-        for name in ("inventory", "payment", "orders"):
+        for name in PARTICIPANT_NAMES:
             log = (self.workdir / f"{name}.log").open("ab")
             process = subprocess.Popen(
                 [
@@ -136,6 +138,12 @@ class Participants:
             assert process.stdout is not None
             line = process.stdout.readline()  # "ready" once it has its partitions (or EOF if it died)
             assert line.strip() == b"ready", f"participant did not start: {line!r}"
+
+    def pause(self, name: str) -> None:
+        self.processes[PARTICIPANT_NAMES.index(name)].send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.processes[PARTICIPANT_NAMES.index(name)].send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -512,17 +520,20 @@ async def statuses_of(client: GatewayClient, saga_ids: set[str]) -> dict[str, in
 
 
 def check_participants(participants: Participants, orders: dict[str, dict[str, Any]]) -> None:
-    """No command executed twice (participants deduplicate), and each saga's records arrived in order."""
+    """No command executed twice (participants deduplicate), and each saga's records were sent in order: by
+    when the orchestrator sent them (the records' timestamps), not by when each participant got to them (a
+    busy participant may read a re-sent command after another participant read the next one)."""
     journal = participants.journal(set(orders))
     executions = Counter(_action(e) for e in journal if e["event"] == "executed")
     assert [m for m, n in executions.items() if n > 1] == []
     rank = {(step, "command"): i for i, step in enumerate(STEPS)}
     rank |= {(step, "compensation"): 2 * len(STEPS) - i for i, step in enumerate(STEPS)}
-    received: dict[str, list[int]] = defaultdict(list)
+    sent: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for entry in journal:
         if entry["event"] == "received":
-            received[entry["saga_id"]].append(rank[(entry["step"], entry["kind"])])
-    out_of_order = {s: r for s, r in received.items() if r != sorted(r)}
+            sent[entry["saga_id"]].append((entry["sent_at_ms"], rank[(entry["step"], entry["kind"])]))
+    ranks = {saga_id: [r for _, r in sorted(records)] for saga_id, records in sent.items()}
+    out_of_order = {s: r for s, r in ranks.items() if r != sorted(r)}
     assert out_of_order == {}
 
 
@@ -543,6 +554,10 @@ async def test_sigkill_in_the_middle_of_200_sagas_then_every_saga_ends_as_it_sho
                 return len(await asyncio.to_thread(store.get, list(orders))) >= 100
 
             await eventually(half_started, timeout_s=60, interval_s=0.01)
+            # The payment participant stops answering (SIGSTOP): its commands in flight stay unanswered
+            # through the crash, so the restarted gateway finds them overdue and sends them again, and the
+            # participant, resumed, gets each twice: it must run it once.
+            participants.pause("payment")
             # SIGKILL, no goodbye, while sagas are still being started: some are done, most between steps,
             # and some StartSaga calls are cut off (their callers retry them below, by saga id).
             process.kill()
@@ -552,14 +567,26 @@ async def test_sigkill_in_the_middle_of_200_sagas_then_every_saga_ends_as_it_sho
         at_kill = await asyncio.to_thread(store.get, list(orders))
         in_flight = [s for s in at_kill.values() if not s.status.final]
         assert in_flight, "every saga had finished before the kill: the test proves nothing"
-        # Down for longer than a step's timeout: every step that was running is overdue at the restart and
-        # its command is sent again, so the participants see copies they must not execute twice.
+        # Down for longer than a step's timeout: steps whose reply had not come are overdue at the restart.
         await asyncio.sleep(step_timeout_ms / 1000 + 0.5)
 
         restarted = saga_gateway(backends, tmp_path, definitions_path).start()
         process = restarted
         await wait_for_health(process.target, SERVING, process=process)
         async with GatewayClient(process.target) as client:
+            try:
+
+                async def payments_resent() -> bool:
+                    return (
+                        _metric(
+                            process, "kpg_saga_step_timeouts_total", step="charge_payment", outcome="resent"
+                        )
+                        > 0
+                    )
+
+                await eventually(payments_resent, timeout_s=60, interval_s=0.2)
+            finally:
+                participants.resume("payment")
             await start_many(client, 0, orders=orders)  # the callers whose start was cut off retry it
 
             async def all_final() -> bool:

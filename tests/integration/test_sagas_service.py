@@ -1,6 +1,7 @@
-"""The saga orchestrator in-process, on a real Kafka, Redis and SQLite database: two instances on one database
-never both make a change (each send matches one committed change), and a change whose record never reached
-Kafka (a crash between the commit and the send) is sent by the sweep, once."""
+"""The saga orchestrator in-process, on a real Kafka, Redis and SQLite database: of two instances on one
+database only the owner of a saga's partition drives it, two writers of one saga version never both win,
+and a change whose record never reached Kafka (a crash between the commit and the send) is sent by the
+sweep, once."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from gateway.adapters.kafka import KafkaAdmin, TopicSpec
 from gateway.adapters.redis import ChangeFeed, IdempotencyStore, RedisClient
 from gateway.adapters.sql import Database, SagaStore
 from gateway.definitions import parse_definitions
-from gateway.domain.sagas import SagaPlan, SagaStatus, StartRequest, StepStatus, start
+from gateway.domain.sagas import SagaPlan, SagaStatus, StartRequest, StepStatus, on_deadline, start
 from gateway.errors import BackendUnavailable
 from gateway.services.idempotency import Idempotency, IdempotencySettings
 from gateway.services.sagas import Sagas
 from gateway.settings import SagasSettings
 from tests.conftest import Backends
-from tests.support import checking_consumer
+from tests.support import checking_consumer, eventually
+
+REPLY_PARTITIONS = 4
 
 
 def definitions(topic: str) -> dict[str, object]:
@@ -47,6 +50,7 @@ async def orchestrator(
             reply_group=unique,
             dispatch_grace_ms=100,
             sweep_interval_ms=3_600_000,
+            reply_topic_partitions=REPLY_PARTITIONS,
         ),
         kafka=backends.kafka(),
         definitions=parse_definitions(definitions(topic)),
@@ -83,6 +87,16 @@ def commands_for(backends: Backends, topic: str, saga_id: str) -> list[bytes]:
         consumer.close()
 
 
+async def owning_every_partition(*instances: Sagas) -> None:
+    """Wait until the instances' consumers hold the reply topic's partitions between them (the group's
+    rebalance, on the consumer thread, offers nothing to wait on)."""
+
+    async def owned() -> bool:
+        return len({p for sagas in instances for p in sagas.owned_partitions()}) == REPLY_PARTITIONS
+
+    await eventually(owned, timeout_s=60)
+
+
 async def test_two_instances_sweeping_one_saga_make_each_change_once(
     backends: Backends, tmp_path: Path, unique: str
 ) -> None:
@@ -93,12 +107,14 @@ async def test_two_instances_sweeping_one_saga_make_each_change_once(
         orchestrator(backends, tmp_path / "sagas.db", topic, unique) as first,
         orchestrator(backends, tmp_path / "sagas.db", topic, unique) as second,
     ):
+        await owning_every_partition(first, second)
+        assert set(first.owned_partitions()).isdisjoint(second.owned_partitions())
         saga_id = f"race-{unique}"
         await first.start_saga(StartRequest("silent", {}, saga_id=saga_id))
         rounds = 0
         async with asyncio.timeout(60):
             while not (await first.get(saga_id)).status.final:
-                # Both see the same overdue version; only one may turn it into the next.
+                # Both sweep; only the owner of the saga's partition may turn a version into the next.
                 await asyncio.gather(first.sweep_deadlines(), second.sweep_deadlines())
                 rounds += 1
         final = await second.get(saga_id)
@@ -126,6 +142,7 @@ async def test_a_change_that_never_reached_kafka_is_sent_by_the_sweep_once(
     store = SagaStore(Database(f"sqlite:///{tmp_path / 'sagas.db'}"))
     assert await asyncio.to_thread(store.create, written) is not None
     async with orchestrator(backends, tmp_path / "sagas.db", topic, unique) as sagas:
+        await owning_every_partition(sagas)
         assert await sagas.sweep_undispatched() == 1
         assert await sagas.sweep_undispatched() == 0
         after = await sagas.get(saga_id)
@@ -164,3 +181,19 @@ async def test_no_saga_starts_before_its_reply_topic_is_known(
         await sagas.stop(5.0)
         await redis.close()
         database.close()
+
+
+async def test_of_two_writers_of_one_saga_version_exactly_one_wins(tmp_path: Path) -> None:
+    """The backstop for the moment a partition moves between instances: a change is a compare-and-set."""
+    plan = SagaPlan.of("silent", parse_definitions(definitions("t")).sagas["silent"])
+    saga = start(plan, "cas", StartRequest("silent", {}), datetime.now(UTC))
+    stores = [SagaStore(Database(f"sqlite:///{tmp_path / 'sagas.db'}")) for _ in range(2)]
+    assert stores[0].create(saga) is not None
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    changes = [on_deadline(plan, saga, later) for _ in stores]
+    assert all(c is not None and c.version == 2 for c in changes)
+    written = await asyncio.gather(
+        *(asyncio.to_thread(store.save, [c]) for store, c in zip(stores, changes, strict=True) if c)
+    )
+    assert sorted(len(w) for w in written) == [0, 1]
+    assert [s.version for s in stores[1].history(saga, 0)] == [1, 2]

@@ -184,6 +184,22 @@ async def test_a_registered_servicer_replaces_its_placeholder_and_the_others_sta
     assert (details.reason, details.metadata["pattern"]) == ("UNIMPLEMENTED", "DLT reprocessing")
 
 
+async def test_a_streaming_placeholder_answers_unimplemented_naming_its_pattern() -> None:
+    server, port = await create_grpc_server(
+        GrpcSettings(host="127.0.0.1", port=0), bindings=grpc_bindings([]), monitor=BackendMonitor(probes={})
+    )
+    await server.start()
+    try:
+        async with GatewayClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in client.sagas.WatchSaga(sagas_pb2.WatchSagaRequest(saga_id="s-1")):
+                    raise AssertionError("a placeholder streamed something")
+    finally:
+        await server.stop(None)
+    details = error_details(raised.value)
+    assert (details.code, details.metadata["pattern"]) == (grpc.StatusCode.UNIMPLEMENTED, "start-saga")
+
+
 def test_bindings_cover_every_service_with_the_registered_servicers_in_place() -> None:
     servicer = FakeSagas()
     bound = {

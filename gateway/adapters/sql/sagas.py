@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -31,8 +31,8 @@ class SagaRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_kpg_sagas_started", "started_at", "saga_id"),
         Index("ix_kpg_sagas_type_started", "saga_type", "started_at", "saga_id"),
-        Index("ix_kpg_sagas_deadline", "deadline_ms"),
-        Index("ix_kpg_sagas_dispatched", "dispatched", "updated_at"),
+        Index("ix_kpg_sagas_deadline", "partition", "deadline_ms"),
+        Index("ix_kpg_sagas_dispatched", "partition", "dispatched", "updated_at"),
     )
 
     saga_id: str = Field(primary_key=True)
@@ -45,6 +45,7 @@ class SagaRow(SQLModel, table=True):
     deadline_ms: int | None = Field(default=None, sa_type=BigInteger)
     dispatched: bool
     fingerprint: str
+    partition: int = 0  # the reply-topic partition whose consumer drives the saga
 
 
 class SagaHistoryRow(SQLModel, table=True):
@@ -160,24 +161,37 @@ class SagaStore:
             rows = connection.execute(select(_SAGAS).where(_SAGAS.c.saga_id.in_(list(saga_ids)))).mappings()
             return {row["saga_id"]: _saga(row) for row in rows}
 
-    def due(self, now_ms: int, limit: int) -> list[Saga]:
-        """Running or compensating sagas whose deadline has passed, earliest first."""
+    def due(self, now_ms: int, limit: int, partitions: Collection[int]) -> list[Saga]:
+        """Running or compensating sagas of `partitions` whose deadline has passed, earliest first."""
         self.ensure_tables()
         query = (
             select(_SAGAS)
-            .where(and_(_SAGAS.c.deadline_ms <= now_ms, _SAGAS.c.status.in_(_ACTIVE)))
+            .where(
+                and_(
+                    _SAGAS.c.partition.in_(list(partitions)),
+                    _SAGAS.c.deadline_ms <= now_ms,
+                    _SAGAS.c.status.in_(_ACTIVE),
+                )
+            )
             .order_by(_SAGAS.c.deadline_ms)
             .limit(limit)
         )
         with _translated("finding overdue sagas"), self._engine.connect() as connection:
             return [_saga(row) for row in connection.execute(query).mappings()]
 
-    def undispatched(self, changed_before: datetime, limit: int) -> list[Saga]:
-        """Sagas whose outgoing record is not known to have reached Kafka, changed before `changed_before`."""
+    def undispatched(self, changed_before: datetime, limit: int, partitions: Collection[int]) -> list[Saga]:
+        """Sagas of `partitions` whose outgoing record is not known to have reached Kafka, changed before
+        `changed_before`."""
         self.ensure_tables()
         query = (
             select(_SAGAS)
-            .where(and_(_SAGAS.c.dispatched == False, _SAGAS.c.updated_at < changed_before))  # noqa: E712
+            .where(
+                and_(
+                    _SAGAS.c.partition.in_(list(partitions)),
+                    _SAGAS.c.dispatched == False,  # noqa: E712
+                    _SAGAS.c.updated_at < changed_before,
+                )
+            )
             .order_by(_SAGAS.c.updated_at)
             .limit(limit)
         )
@@ -228,6 +242,7 @@ class SagaStore:
                 deadline_ms=row["deadline_ms"],
                 dispatched=True,
                 fingerprint=saga.fingerprint,
+                partition=saga.partition,
             )
             for row in rows
         ]
@@ -245,6 +260,7 @@ def _columns(saga: Saga) -> dict[str, Any]:
         "deadline_ms": saga.deadline_ms,
         "dispatched": saga.dispatched,
         "fingerprint": saga.fingerprint,
+        "partition": saga.partition,
     }
 
 
@@ -271,6 +287,7 @@ def _saga(row: Any) -> Saga:
         deadline_ms=row["deadline_ms"],
         dispatched=row["dispatched"],
         fingerprint=row["fingerprint"],
+        partition=row["partition"],
     )
 
 

@@ -44,7 +44,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_CREATE_TIME,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,8 @@ class SagaCommand:
     partition: int
     offset: int
     headers: Mapping[str, bytes] = field(repr=False)
+    # When the orchestrator sent this copy (the record's timestamp, epoch ms); None if the record has none.
+    sent_at_ms: int | None = None
 
 
 class StepFailed(Exception):
@@ -305,6 +315,9 @@ class Participant:
                 "linger.ms": 0,
                 "socket.nagle.disable": True,
                 "acks": "all",
+                # Kafka's (Java's) key hashing, as the gateway's: a reply keyed by saga id lands on the
+                # partition whose gateway drives that saga (others are forwarded there, one hop more).
+                "partitioner": "murmur2_random",
                 **self._config,
             }
         )
@@ -521,7 +534,13 @@ def parse_command(message: Message) -> SagaCommand | None:
         partition=message.partition() or 0,
         offset=message.offset() or 0,
         headers=headers,
+        sent_at_ms=_sent_at(message),
     )
+
+
+def _sent_at(message: Message) -> int | None:
+    kind, timestamp = message.timestamp()
+    return timestamp if kind == TIMESTAMP_CREATE_TIME and timestamp > 0 else None
 
 
 def _object(value: object) -> dict[str, Any]:
