@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import Producer, TopicPartition
 from prometheus_client import REGISTRY
 
 from gateway.adapters.kafka import KafkaAdmin, TopicSpec
@@ -197,3 +197,32 @@ async def test_of_two_writers_of_one_saga_version_exactly_one_wins(tmp_path: Pat
     )
     assert sorted(len(w) for w in written) == [0, 1]
     assert [s.version for s in stores[1].history(saga, 0)] == [1, 2]
+
+
+async def test_a_reply_on_another_partition_is_forwarded_to_its_sagas_owner(
+    backends: Backends, tmp_path: Path, unique: str
+) -> None:
+    """A participant that does not key its reply by saga id: the reply still reaches the saga, through its
+    partition (whose owner drives it)."""
+    topic = f"{unique}.silent.commands"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 1)])
+    forwarded_before = _sample("kpg_saga_replies_total", outcome="forwarded")
+    async with orchestrator(backends, tmp_path / "sagas.db", topic, unique) as sagas:
+        await owning_every_partition(sagas)
+        saga = await sagas.start_saga(StartRequest("silent", {}, saga_id=f"fwd-{unique}"))
+        producer = Producer({"bootstrap.servers": backends.bootstrap_servers})
+        producer.produce(
+            f"{unique}.replies",
+            b'{"ok": true, "data": {"answer": 42}}',
+            partition=(saga.partition + 1) % REPLY_PARTITIONS,
+            headers=[("kpg-correlation-id", f"{saga.saga_id}/0/command".encode())],
+        )
+        assert producer.flush(10) == 0
+
+        async def completed() -> bool:
+            return (await sagas.get(saga.saga_id)).status is SagaStatus.COMPLETED
+
+        await eventually(completed, timeout_s=30)
+        final = await sagas.get(saga.saga_id)
+    assert final.results == {"ask": {"answer": 42}}
+    assert _sample("kpg_saga_replies_total", outcome="forwarded") - forwarded_before == 1
