@@ -34,7 +34,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -117,6 +117,24 @@ _LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.d
 Change = Callable[[Saga], Saga | None]
 
 
+@dataclass(eq=False)
+class _Watcher:
+    """One WatchSaga stream on this instance."""
+
+    last_version: int  # the last version it streamed
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    pushed: list[Saga] = field(default_factory=list)  # versions this instance committed, not streamed yet
+    elsewhere: bool = False  # a change this instance did not make: read the history
+
+    def known_version(self) -> int:
+        return max([self.last_version, *(v.version for v in self.pushed)])
+
+
+def _follows(version: int, versions: Sequence[Saga]) -> bool:
+    """Whether `versions` continue `version` without a gap."""
+    return all(v.version == version + i + 1 for i, v in enumerate(versions))
+
+
 @dataclass(frozen=True, slots=True)
 class SagaPage:
     sagas: list[Saga]
@@ -151,10 +169,10 @@ class Sagas:
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._announcing: asyncio.Task[None] | None = None
-        self._unannounced: set[str] = set()
+        self._unannounced: dict[str, int] = {}  # saga id -> latest version, not yet published
         self._starting = asyncio.Lock()
         self._started = False
-        self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._watchers: dict[str, set[_Watcher]] = defaultdict(set)
         self._watching = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -299,28 +317,40 @@ class Sagas:
         return self._follow(current)
 
     async def _follow(self, current: Saga) -> AsyncIterator[Saga]:
-        changed = asyncio.Event()
+        """Versions this instance commits are handed to the watcher as they are committed; the history is
+        read only for a change made elsewhere (announced through Redis, or found by the poll) or a gap."""
+        watcher = _Watcher(current.version)
         self._watching += 1  # counted from the first iteration: the finally below runs only once started
-        self._watchers[current.saga_id].add(changed)
+        self._watchers[current.saga_id].add(watcher)
         try:
             yield current
             last = current
             while not last.status.final:
-                changed.clear()
-                for version in await asyncio.to_thread(self._store.history, current, last.version):
+                watcher.changed.clear()
+                pushed = sorted(
+                    (v for v in watcher.pushed if v.version > last.version), key=lambda v: v.version
+                )
+                watcher.pushed.clear()
+                if _follows(last.version, pushed) and not watcher.elsewhere:
+                    fresh = pushed
+                else:
+                    watcher.elsewhere = False
+                    fresh = await asyncio.to_thread(self._store.history, current, last.version)
+                for version in fresh:
                     yield version
                     last = version
+                    watcher.last_version = version.version
                 if last.status.final:
                     break
                 try:
-                    await asyncio.wait_for(changed.wait(), self._settings.watch_poll_ms / 1000)
+                    await asyncio.wait_for(watcher.changed.wait(), self._settings.watch_poll_ms / 1000)
                 except TimeoutError:
-                    pass
+                    watcher.elsewhere = True  # nothing announced: look, in case a notification was lost
         finally:
             self._watching -= 1
             watchers = self._watchers.get(current.saga_id)
             if watchers is not None:
-                watchers.discard(changed)
+                watchers.discard(watcher)
                 if not watchers:
                     del self._watchers[current.saga_id]
 
@@ -455,7 +485,7 @@ class Sagas:
         for _, after in committed:
             latest[after.saga_id] = after
         await self._dispatch([s for s in latest.values() if not s.dispatched])
-        await self._announce(list(latest.values()))
+        await self._announce([after for _, after in committed])
 
     async def _dispatch(self, sagas: Sequence[Saga]) -> None:
         """Send each saga's due record and mark it dispatched once Kafka has it. A send that fails leaves its
@@ -491,34 +521,43 @@ class Sagas:
         except BackendUnavailable as exc:
             log.warning("could not mark %d saga records sent (%s); they may be sent again", len(done), exc)
 
-    async def _announce(self, sagas: Sequence[Saga]) -> None:
-        """Wake this instance's watchers at once, and every other instance's through Redis: in the background
-        and best effort, so a slow or absent Redis never holds up a saga (watchers also poll). Ids changed
-        while a publish is on its way go out together in the next one; at most MAX_UNANNOUNCED wait."""
-        for saga in sagas:
-            for event in self._watchers.get(saga.saga_id, ()):
-                event.set()
-            if len(self._unannounced) < MAX_UNANNOUNCED:
-                self._unannounced.add(saga.saga_id)
+    async def _announce(self, versions: Sequence[Saga]) -> None:
+        """Hand committed versions (in commit order) to this instance's watchers, and announce them to every
+        other instance through Redis: in the background and best effort, so a slow or absent Redis never
+        holds up a saga (watchers also poll). Versions committed while a publish is on its way go out
+        together in the next one; at most MAX_UNANNOUNCED sagas wait."""
+        for saga in versions:
+            for watcher in self._watchers.get(saga.saga_id, ()):
+                watcher.pushed.append(saga)
+                watcher.changed.set()
+            if saga.saga_id in self._unannounced or len(self._unannounced) < MAX_UNANNOUNCED:
+                self._unannounced[saga.saga_id] = saga.version
         if self._unannounced and (self._announcing is None or self._announcing.done()):
             self._announcing = spawn(self._publish(), name="saga-announce")
 
     async def _publish(self) -> None:
         while self._unannounced:
-            saga_ids, self._unannounced = sorted(self._unannounced), set()
+            announced, self._unannounced = self._unannounced, {}
             try:
-                await self._changes.publish(saga_ids)
+                await self._changes.publish(
+                    [f"{saga_id}:{version}" for saga_id, version in announced.items()]
+                )
             except BackendUnavailable as exc:
                 log.debug("saga change notification not published: %s", exc)
                 return
 
     async def _listen(self) -> None:
+        """Wake the watchers of sagas another instance changed (this instance's own announcements come back
+        too: a watcher that already has the version ignores them)."""
         while True:
             try:
-                async for saga_ids in self._changes.notifications():
-                    for saga_id in saga_ids:
-                        for event in self._watchers.get(saga_id, ()):
-                            event.set()
+                async for announced in self._changes.notifications():
+                    for entry in announced:
+                        saga_id, _, version = entry.rpartition(":")
+                        for watcher in self._watchers.get(saga_id, ()):
+                            if not version.isdecimal() or int(version) > watcher.known_version():
+                                watcher.elsewhere = True
+                                watcher.changed.set()
             except BackendUnavailable as exc:
                 raise_if_cancelling()
                 log.warning("saga change notifications: %s; resubscribing", exc)

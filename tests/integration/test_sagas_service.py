@@ -19,7 +19,7 @@ from gateway.adapters.kafka import KafkaAdmin, TopicSpec
 from gateway.adapters.redis import ChangeFeed, IdempotencyStore, RedisClient
 from gateway.adapters.sql import Database, SagaStore
 from gateway.definitions import parse_definitions
-from gateway.domain.sagas import SagaPlan, SagaStatus, StartRequest, StepStatus, on_deadline, start
+from gateway.domain.sagas import Saga, SagaPlan, SagaStatus, StartRequest, StepStatus, on_deadline, start
 from gateway.errors import BackendUnavailable
 from gateway.services.idempotency import Idempotency, IdempotencySettings
 from gateway.services.sagas import Sagas
@@ -226,3 +226,34 @@ async def test_a_reply_on_another_partition_is_forwarded_to_its_sagas_owner(
         final = await sagas.get(saga.saga_id)
     assert final.results == {"ask": {"answer": 42}}
     assert _sample("kpg_saga_replies_total", outcome="forwarded") - forwarded_before == 1
+
+
+async def test_watchers_on_both_instances_see_every_version_in_order(
+    backends: Backends, tmp_path: Path, unique: str
+) -> None:
+    """The owner's watcher gets the versions it commits handed over; the other instance's reads them from
+    the history when Redis announces them. Both stream every version, in order, and end at the final one."""
+    topic = f"{unique}.silent.commands"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 1)])
+    async with (
+        orchestrator(backends, tmp_path / "sagas.db", topic, unique) as first,
+        orchestrator(backends, tmp_path / "sagas.db", topic, unique) as second,
+    ):
+        await owning_every_partition(first, second)
+        saga = await first.start_saga(StartRequest("silent", {}, saga_id=f"watch-{unique}"))
+        owner, other = (first, second) if saga.partition in first.owned_partitions() else (second, first)
+
+        streams = [await sagas.watch(saga.saga_id) for sagas in (owner, other)]
+        firsts = [(await anext(stream)).version for stream in streams]  # both open on version 1
+
+        async def rest(stream: AsyncIterator[Saga]) -> list[int]:
+            return [s.version async for s in stream]
+
+        watchers = [asyncio.create_task(rest(stream)) for stream in streams]
+        async with asyncio.timeout(60):
+            while not (await owner.get(saga.saga_id)).status.final:
+                await owner.sweep_deadlines()
+                await asyncio.sleep(0.05)  # let the watchers stream between versions
+            seen = await asyncio.gather(*watchers)
+    assert firsts == [1, 1]
+    assert seen == [list(range(2, 7)), list(range(2, 7))]
