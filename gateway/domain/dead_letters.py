@@ -269,3 +269,45 @@ def replay_headers(
         if not name.startswith(dropped) and name not in (REPLAYED_FROM, REPLAY_COUNT)
     ]
     return [*kept, (REPLAYED_FROM, replayed_from.encode()), (REPLAY_COUNT, str(replay_count).encode())]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record of a dead-letter topic with what its format says about the failure."""
+
+    dlt_topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    details: DeadLetterDetails
+
+    @property
+    def id(self) -> str:
+        return dead_letter_id(self.dlt_topic, self.partition, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """The contract's ListDeadLetters filters that a record answers by itself (state needs the store)."""
+
+    original_topic: str = ""
+    error_class: str = ""
+    key: bytes | None = None
+    since_ms: int | None = None  # failed at or after
+    until_ms: int | None = None  # failed before
+
+    def matches(self, letter: DeadLetter) -> bool:
+        details = letter.details
+        failed_at = details.failed_at_ms
+        return (
+            (not self.original_topic or details.original_topic == self.original_topic)
+            and (not self.error_class or details.error_class == self.error_class)
+            and (self.key is None or letter.key == self.key)
+            and (self.since_ms is None or (failed_at is not None and failed_at >= self.since_ms))
+            and (self.until_ms is None or (failed_at is not None and failed_at < self.until_ms))
+        )
+
+
+def is_dlt_topic(topic: str) -> bool:
+    return topic.endswith(_DLT_SUFFIX) and len(topic) > len(_DLT_SUFFIX)

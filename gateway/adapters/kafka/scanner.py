@@ -8,7 +8,7 @@ consumer (no group, read_committed) serves every scan in turn, so a scan costs a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ class PartitionScanner:
 
     async def scan(
         self, topic: str, partition: int, start: int, end: int, *, timeout_s: float
-    ) -> AsyncIterator[list[Record]]:
+    ) -> AsyncGenerator[list[Record], None]:
         """The committed records at offsets [start, end), in order and in chunks (aborted records and
         transaction markers are skipped). `end` must not be past the last stable offset. Fails with
         BackendUnavailable when the range cannot be read within `timeout_s`."""
