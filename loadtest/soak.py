@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,13 +33,12 @@ from pathlib import Path
 
 import grpc
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kpg import GatewayClient, error_details
 from kpg.v1 import event_store_pb2 as es
 from kpg.v1 import request_reply_pb2 as rr
 
-from gateway.devstack.processes import free_ports
 from gateway.domain.events import partition_for
+from tests.support import SERVING, GatewayProcess, wait_for_health
 
 PARTITIONS = 6
 APPEND_DEADLINE_S = 30.0  # the gateway's own append timeout is 15 s: past this a call counts as hung
@@ -116,71 +114,29 @@ class SoakReport:
         return "\n".join(lines)
 
 
-class Gateway:
-    """`kpg serve` on free ports with soak definitions; its log in the work folder."""
+def soak_gateway(config: SoakConfig, definitions: Path) -> GatewayProcess:
+    """`kpg serve` on free ports with the soak's definitions and settings; its log in the work folder."""
+    env = {
+        "KPG_KAFKA__BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "KPG_REDIS__URL": config.redis_url,
+        "KPG_EVENTS__LEASE_TTL_MS": str(config.lease_ttl_ms),
+        "KPG_SHUTDOWN_GRACE_S": str(config.grace_s),
+        "KPG_HEALTH__CHECK_INTERVAL_S": "0.5",
+    }
+    if config.database_url:
+        env["KPG_DATABASE__URL"] = config.database_url
+    return GatewayProcess(config.workdir, env=env, args=["--definitions", str(definitions)])
 
-    def __init__(self, config: SoakConfig, definitions: Path) -> None:
-        self.grpc_port, self.rest_port = free_ports(2)
-        self.log_path = config.workdir / "gateway.log"
-        env = {
-            **os.environ,
-            "KPG_KAFKA__BOOTSTRAP_SERVERS": config.bootstrap_servers,
-            "KPG_REDIS__URL": config.redis_url,
-            "KPG_STATE_DIR": str(config.workdir / "state"),
-            "KPG_EVENTS__LEASE_TTL_MS": str(config.lease_ttl_ms),
-            "KPG_SHUTDOWN_GRACE_S": str(config.grace_s),
-            "KPG_HEALTH__CHECK_INTERVAL_S": "0.5",
-            "KPG_LOG_FORMAT": "json",
-        }
-        if config.database_url:
-            env["KPG_DATABASE__URL"] = config.database_url
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--grpc-port",
-                str(self.grpc_port),
-                "--rest-port",
-                str(self.rest_port),
-                "--definitions",
-                str(definitions),
-            ],
-            stdout=self.log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    async def ready(self, timeout_s: float = 90) -> None:
-        async with asyncio.timeout(timeout_s), grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {self.process.returncode}; see {self.log_path}")
-                try:
-                    answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.2)
-
-    def terminate(self, timeout_s: float) -> tuple[float, int | None]:
-        """SIGTERM; (seconds until it exited, exit code or None if it did not within `timeout_s`)."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return time.monotonic() - started, None
-        return time.monotonic() - started, code
+def sigterm(gateway: GatewayProcess, timeout_s: float) -> tuple[float, int | None]:
+    """SIGTERM; (seconds until it exited, exit code or None if it did not within `timeout_s`: then killed)."""
+    started = time.monotonic()
+    try:
+        code = gateway.terminate(timeout_s)
+    except subprocess.TimeoutExpired:
+        gateway.kill()
+        return time.monotonic() - started, None
+    return time.monotonic() - started, code
 
 
 # A client that is SIGKILLed while its appends are in flight (the connection drops mid-call).
@@ -247,14 +203,14 @@ class Soak:
 
     async def run(self) -> SoakReport:
         self.config.workdir.mkdir(parents=True, exist_ok=True)
-        gateway = Gateway(self.config, self._definitions())
+        gateway = soak_gateway(self.config, self._definitions()).start()
         responder = subprocess.Popen(  # noqa: ASYNC220 (started once; its output is read off the loop)
             [sys.executable, "-c", _RESPONDER, self.config.bootstrap_servers, f"{self.category}.requests"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         try:
-            await gateway.ready()
+            await wait_for_health(gateway.target, SERVING, timeout_s=90, process=gateway)
             assert responder.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(responder.stdout.readline), 60)
             if line.strip() != b"ready":
@@ -269,7 +225,7 @@ class Soak:
         finally:
             responder.kill()
             await asyncio.to_thread(responder.wait)
-            self.report.sigterm_s, self.report.exit_code = gateway.terminate(self.config.grace_s + 20)
+            self.report.sigterm_s, self.report.exit_code = sigterm(gateway, self.config.grace_s + 20)
         limit = self.config.grace_s + 5
         if self.report.exit_code is None or self.report.sigterm_s > limit:
             self.report.violate(

@@ -24,11 +24,18 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from prometheus_client import Counter
 
-from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, FailurePolicy, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.kafka import (
+    LOW_LATENCY_CONSUMER,
+    AsyncProducer,
+    ConsumerRunner,
+    FailurePolicy,
+    KafkaAdmin,
+    Record,
+    TopicSpec,
+)
 from gateway.adapters.redis import CorrelationStore, ReplyState
 from gateway.definitions import Definitions
 from gateway.domain.dead_letters import dlt_topic
@@ -58,7 +65,6 @@ REPLIES = Counter(
     ["outcome"],
 )
 RECHECK_S = 1.0
-_LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
 
 
 @dataclass
@@ -126,7 +132,7 @@ class RequestReply:
                     linger_s=0.0,
                     synchronous_commit=False,  # a redelivered reply is only a 'duplicate'
                     poll_timeout_s=0.1,
-                    **_LOW_LATENCY_CONSUMER,
+                    **LOW_LATENCY_CONSUMER,
                 )
             await self._consumer.start()
             if self._listener is None:

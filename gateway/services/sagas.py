@@ -36,11 +36,18 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, FailurePolicy, KafkaAdmin, Record, TopicSpec
+from gateway.adapters.kafka import (
+    LOW_LATENCY_CONSUMER,
+    AsyncProducer,
+    ConsumerRunner,
+    FailurePolicy,
+    KafkaAdmin,
+    Record,
+    TopicSpec,
+)
 from gateway.adapters.redis import ChangeFeed
 from gateway.adapters.sql import SagaStore
 from gateway.definitions import Definitions
@@ -112,7 +119,6 @@ MAX_CAS_ROUNDS = 5
 SWEEP_BATCH = 500
 MAX_UNANNOUNCED = 10_000
 SAGA_CHANGES_CHANNEL = "kpg:sagas:changes"  # Redis pub/sub: ids of sagas that changed
-_LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
 
 Change = Callable[[Saga], Saga | None]
 
@@ -203,7 +209,7 @@ class Sagas:
                     policy=FailurePolicy(dead_letter=DeadLetterWriter(self._producer)),
                     linger_s=0.0,
                     poll_timeout_s=0.1,
-                    **_LOW_LATENCY_CONSUMER,
+                    **LOW_LATENCY_CONSUMER,
                 )
             await self._consumer.start()
             if self._sweeper is None:

@@ -1,6 +1,7 @@
 """The only package that imports confluent_kafka. Driver errors become `BackendUnavailable` here."""
 
 from gateway.adapters.kafka.admin import KafkaAdmin, TopicSpec, kafka_answers
+from gateway.adapters.kafka.config import LOW_LATENCY_CONSUMER
 from gateway.adapters.kafka.consumer import ConsumerRunner, DeadLetter, FailurePolicy
 from gateway.adapters.kafka.producer import AsyncProducer
 from gateway.adapters.kafka.records import Delivery, Header, Record
@@ -16,6 +17,7 @@ from gateway.adapters.kafka.transactional import (
 )
 
 __all__ = [
+    "LOW_LATENCY_CONSUMER",
     "AsyncProducer",
     "ConsumerRunner",
     "DeadLetter",

@@ -40,6 +40,11 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
     }
 
 
+# For consumers on a reply path (request-reply, saga replies): short fetch waits, no Nagle; latency over
+# batching. Passed as `ConsumerRunner` overrides.
+LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
+
+
 def consumer_config(settings: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
     return {
         **base_config(settings),

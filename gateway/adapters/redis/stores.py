@@ -163,9 +163,9 @@ class CorrelationStore:
 
 
 class ChangeFeed:
-    """Best-effort announcements that something changed (its id), for watchers on every instance. Redis
-    only tells: the state lives elsewhere, and watchers also look on their own now and then, since a
-    notification can be lost (pub/sub keeps nothing for a subscriber that was away)."""
+    """Best-effort announcements that something changed (entries such as `<id>:<version>`), for watchers
+    on every instance. Redis only tells: the state lives elsewhere, and watchers also look on their own
+    now and then, since a notification can be lost (pub/sub keeps nothing for a subscriber that was away)."""
 
     def __init__(self, client: RedisClient, channel: str) -> None:
         self._client = client
@@ -176,7 +176,7 @@ class ChangeFeed:
             await self._client.call(self._client.redis.publish, self.channel, "\n".join(ids))
 
     async def notifications(self) -> AsyncIterator[list[str]]:
-        """The ids announced by any instance, batch by batch."""
+        """What any instance announced, one publish at a time (the entries it published)."""
         pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await self._client.call(pubsub.subscribe, self.channel)
