@@ -1,4 +1,4 @@
-"""The definitions file (YAML): categories, read models, sagas and request-reply topics.
+"""The definitions file (YAML): categories, read models, sagas, request-reply topics and dead-letter targets.
 
 Loaded once at start-up into frozen, validated objects. Any problem stops start-up with a
 `DefinitionsError` whose message names the offending key (for example
@@ -16,6 +16,7 @@ from typing import Any, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.domain.dead_letters import SAGA_DLT, dlt_source, never_a_target
 from gateway.domain.projections import DeclarativeHandler, check_expression
 
 # Always matched with fullmatch: `$` would also accept a trailing newline ("orders\n").
@@ -161,11 +162,18 @@ class RequestReplyDef(_Def):
         return [t for t in self.topics if not any(c in t for c in "*?[")]
 
 
+class DeadLettersDef(_Def):
+    # Topics dead letters may be reprocessed to besides the topic their DLT is named after (and, for
+    # `kpg.sagas.DLT`, the saga step topics); `*` and `?` are wildcards. Internal topics never.
+    targets: list[str] = Field(default_factory=list)
+
+
 class Definitions(_Def):
     categories: dict[str, CategoryDef] = Field(default_factory=dict)
     read_models: dict[str, ReadModelDef] = Field(default_factory=dict)
     sagas: dict[str, SagaDef] = Field(default_factory=dict)
     request_reply: RequestReplyDef = RequestReplyDef()
+    dead_letters: DeadLettersDef = DeadLettersDef()
     allow_undeclared_categories: bool = False
 
     @field_validator("categories", mode="before")
@@ -204,6 +212,20 @@ class Definitions(_Def):
                         f"{topic!r} is an event, dead-letter or internal topic: not for commands",
                     )
         return self
+
+    def replay_allowed(self, dlt: str, target: str) -> bool:
+        """Whether records of the dead-letter topic `dlt` may be reprocessed to `target`: the topic `dlt`
+        is named after, a saga step topic for the saga DLT, or one `dead_letters.targets` names; never an
+        internal (`kpg.*`, `_*`) or dead-letter topic."""
+        if not target or never_a_target(target):
+            return False
+        if target == dlt_source(dlt) or any(
+            fnmatch.fnmatchcase(target, pattern) for pattern in self.dead_letters.targets
+        ):
+            return True
+        return dlt == SAGA_DLT and any(
+            step.topic == target for saga in self.sagas.values() for step in saga.steps
+        )
 
     def category_topic(self, category: str) -> str:
         declared = self.categories.get(category)

@@ -149,6 +149,23 @@ class SagasSettings(_Frozen):
     watch_poll_ms: int = Field(default=1_000, ge=10)
 
 
+class DeadLettersSettings(_Frozen):
+    """DLT reprocessing: the state topic, listing pages and reprocessing chunks."""
+
+    # Compacted topic holding each dead letter's state (REPROCESSED, DISCARDED), shared by every gateway
+    # on the cluster: dead-letter ids name their topic, which is cluster-wide too.
+    state_topic: str = Field(default="kpg.dlt.state", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    list_default_limit: int = Field(default=100, ge=1)
+    list_max_limit: int = Field(default=1_000, ge=1)
+    # Ids one Reprocess or Discard may name.
+    max_ids: int = Field(default=10_000, ge=1)
+    # Replays sent per Kafka transaction (with their states): the unit a kill can cut a Reprocess at.
+    batch_size: int = Field(default=500, ge=1)
+    # Reading a DLT range, the state topic, or initialising a writer, fails BACKEND_UNAVAILABLE past this.
+    scan_timeout_ms: int = Field(default=30_000, ge=100)
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KPG_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -164,6 +181,7 @@ class Settings(BaseSettings):
     read_models: ReadModelsSettings = ReadModelsSettings()
     request_reply: RequestReplySettings = RequestReplySettings()
     sagas: SagasSettings = SagasSettings()
+    dead_letters: DeadLettersSettings = DeadLettersSettings()
     definitions: Path | None = None
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -13,6 +13,7 @@ from typing import Any
 
 MAX_STACK_TRACE_BYTES = 8 * 1024
 DLT_PREFIX = "kpg-dlt-"
+SAGA_DLT = "kpg.sagas.DLT"  # where sagas that ended FAILED leave the compensation that did not complete
 
 
 def dlt_topic(topic: str) -> str:
@@ -61,6 +62,9 @@ def dlt_headers(original: Sequence[tuple[str, bytes]], failure: Failure) -> list
 SPRING_PREFIX = "kafka_dlt-"
 REPLAYED_FROM = "kpg-replayed-from"
 REPLAY_COUNT = "kpg-replay-count"
+# Which consumer group a replay is for: the one that dead-lettered it. The gateway's own consumers of the
+# topic that already processed the original skip it (an addition to the contract's two replay headers).
+REPLAY_GROUP = "kpg-replay-consumer-group"
 _DLT_SUFFIX = ".DLT"
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")  # fullmatch: `$` would accept a trailing newline
 
@@ -258,22 +262,103 @@ def parse_dead_letter_id(value: str) -> tuple[str, int, int] | None:
 
 
 def replay_headers(
-    headers: Sequence[tuple[str, bytes]], *, replayed_from: str, replay_count: int
+    headers: Sequence[tuple[str, bytes]], *, replayed_from: str, replay_count: int, consumer_group: str = ""
 ) -> list[tuple[str, bytes]]:
     """The headers a replayed record carries: the failed record's own, without any DLT header (the
-    gateway's or Spring's) or earlier replay marks, plus `kpg-replayed-from` and `kpg-replay-count`."""
+    gateway's or Spring's) or earlier replay marks, plus `kpg-replayed-from`, `kpg-replay-count` and, when
+    the dead letter names it, the consumer group it is for (`kpg-replay-consumer-group`)."""
     dropped = (DLT_PREFIX, SPRING_PREFIX)
     kept = [
         (name, raw)
         for name, raw in headers
-        if not name.startswith(dropped) and name not in (REPLAYED_FROM, REPLAY_COUNT)
+        if not name.startswith(dropped) and name not in (REPLAYED_FROM, REPLAY_COUNT, REPLAY_GROUP)
     ]
-    return [*kept, (REPLAYED_FROM, replayed_from.encode()), (REPLAY_COUNT, str(replay_count).encode())]
+    marks = [(REPLAYED_FROM, replayed_from.encode()), (REPLAY_COUNT, str(replay_count).encode())]
+    if consumer_group:
+        marks.append((REPLAY_GROUP, consumer_group.encode()))
+    return [*kept, *marks]
+
+
+def replayed_for(headers: Sequence[tuple[str, bytes]]) -> str | None:
+    """For a replayed record, the consumer group it was replayed for ("" when any group); None when the
+    record is not a replay. A consumer that did process the original skips a replay meant for another."""
+    replay: str | None = None
+    for name, raw in headers:
+        if name == REPLAYED_FROM and replay is None:
+            replay = ""
+        elif name == REPLAY_GROUP:
+            replay = raw.decode(errors="replace")
+    return replay
+
+
+def replay_is_for(headers: Sequence[tuple[str, bytes]], consumer_group: str) -> bool:
+    """Whether `consumer_group` should process this record: every original, and the replays for it."""
+    target = replayed_for(headers)
+    return target is None or target in ("", consumer_group)
+
+
+class DeadLetterState(enum.StrEnum):
+    """Contract: DeadLetter.state."""
+
+    NEW = "NEW"
+    REPROCESSED = "REPROCESSED"
+    DISCARDED = "DISCARDED"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What operators did with one dead letter (the value of its key in the state topic). `replays` counts
+    the times this very record was sent back; `state` is the last thing done to it."""
+
+    state: DeadLetterState = DeadLetterState.NEW
+    replays: int = 0
+    reason: str = ""  # the discard reason, for the audit trail
+    target: str = ""  # where the last replay went
+    at_ms: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "state": self.state.value,
+                "replays": self.replays,
+                "reason": self.reason,
+                "target": self.target,
+                "at": self.at_ms,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Resolution | None:
+        """The resolution a state record holds; None for a tombstone or a value this gateway did not write."""
+        if not raw:
+            return None
+        try:
+            body = json.loads(raw)
+            return cls(
+                state=DeadLetterState(body["state"]),
+                replays=int(body.get("replays", 0)),
+                reason=str(body.get("reason", "")),
+                target=str(body.get("target", "")),
+                at_ms=int(body.get("at", 0)),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def replayed(self, target: str, now_ms: int) -> Resolution:
+        return Resolution(DeadLetterState.REPROCESSED, self.replays + 1, "", target, now_ms)
+
+    def discarded(self, reason: str, now_ms: int) -> Resolution:
+        return Resolution(DeadLetterState.DISCARDED, self.replays, reason, self.target, now_ms)
+
+
+NOT_RESOLVED = Resolution()
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One record of a dead-letter topic with what its format says about the failure."""
+    """One record of a dead-letter topic with what its format says about the failure, and what operators
+    did with it."""
 
     dlt_topic: str
     partition: int
@@ -281,27 +366,49 @@ class DeadLetter:
     key: bytes | None
     headers: tuple[tuple[str, bytes], ...]
     details: DeadLetterDetails
+    resolution: Resolution = NOT_RESOLVED
 
     @property
     def id(self) -> str:
         return dead_letter_id(self.dlt_topic, self.partition, self.offset)
 
+    @property
+    def state(self) -> DeadLetterState:
+        return self.resolution.state
+
+    @property
+    def reprocess_count(self) -> int:
+        """Replays of the failed record before it came here (its header) plus replays of this record."""
+        return self.details.reprocess_count + self.resolution.replays
+
+    def replay(self, target: str) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        """The value and headers of this record sent back for processing (to `target`)."""
+        headers = replay_headers(
+            self.headers,
+            replayed_from=self.id,
+            replay_count=self.reprocess_count + 1,
+            consumer_group=self.details.consumer_group,
+        )
+        return self.details.payload, headers
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetterFilter:
-    """The contract's ListDeadLetters filters that a record answers by itself (state needs the store)."""
+    """The contract's ListDeadLetters filters (`state` is read from the letter's resolution)."""
 
     original_topic: str = ""
     error_class: str = ""
     key: bytes | None = None
     since_ms: int | None = None  # failed at or after
     until_ms: int | None = None  # failed before
+    state: DeadLetterState | None = None
 
     def matches(self, letter: DeadLetter) -> bool:
         details = letter.details
         failed_at = details.failed_at_ms
         return (
-            (not self.original_topic or details.original_topic == self.original_topic)
+            (self.state is None or letter.state is self.state)
+            and (not self.original_topic or details.original_topic == self.original_topic)
             and (not self.error_class or details.error_class == self.error_class)
             and (self.key is None or letter.key == self.key)
             and (self.since_ms is None or (failed_at is not None and failed_at >= self.since_ms))
@@ -311,3 +418,14 @@ class DeadLetterFilter:
 
 def is_dlt_topic(topic: str) -> bool:
     return topic.endswith(_DLT_SUFFIX) and len(topic) > len(_DLT_SUFFIX)
+
+
+def never_a_target(topic: str) -> bool:
+    """Topics no replay may go to: the gateway's internal ones (`kpg.*`), Kafka's (`_*`), dead-letter
+    topics themselves."""
+    return topic.startswith(("kpg.", "_")) or is_dlt_topic(topic)
+
+
+def dlt_source(dlt: str) -> str:
+    """The topic a dead-letter topic is named after (`orders.events` for `orders.events.DLT`)."""
+    return dlt.removesuffix(_DLT_SUFFIX)

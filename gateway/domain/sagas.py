@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.definitions import SagaDef
-from gateway.domain.dead_letters import Failure, dlt_headers
+from gateway.domain.dead_letters import SAGA_DLT, Failure, dlt_headers
 from gateway.errors import InvalidArgument
 
 # Headers of saga commands and replies (contract: "On the wire").
@@ -45,7 +45,6 @@ REPLY_TOPIC = "kpg-reply-topic"
 CONTENT_TYPE = "content-type"
 JSON = "application/json"
 
-SAGA_DLT = "kpg.sagas.DLT"
 _SAGA_ID = re.compile(r"[A-Za-z0-9._:@-]{1,200}")  # fullmatch: `$` would accept a trailing newline
 _ID_NAMESPACE = uuid.UUID("0f6f6a3e-8d4b-5c1e-9a57-6b1f0d2c9e41")
 MAX_ERROR_CHARS = 2000

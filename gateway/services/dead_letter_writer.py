@@ -19,7 +19,9 @@ from gateway.domain.dead_letters import Failure, dlt_headers, dlt_topic
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS = Counter(
-    "kpg_dead_letters_written_total", "Records written to a dead-letter topic", ["topic", "consumer_group"]
+    "kpg_dead_letters_written_total",
+    "Records written to a dead-letter topic",
+    ["dlt_topic", "consumer_group"],
 )
 
 
@@ -57,4 +59,4 @@ class DeadLetterWriter:
         await self._producer.produce(
             target, record.value, key=record.key, headers=dlt_headers(record.headers, failure)
         )
-        DEAD_LETTERS.labels(record.topic, consumer_group).inc()
+        DEAD_LETTERS.labels(target, consumer_group).inc()

@@ -50,7 +50,7 @@ from gateway.adapters.kafka import (
 from gateway.adapters.redis import LeaseStore
 from gateway.adapters.sql import StreamIndex
 from gateway.definitions import Definitions
-from gateway.domain.dead_letters import dlt_topic
+from gateway.domain.dead_letters import dlt_topic, replayed_for
 from gateway.domain.events import (
     AppendRequest,
     AppendResult,
@@ -386,8 +386,12 @@ class EventStore:
                         record.headers,
                         record.timestamp_ms,
                     )
-                    if event is None or event.category != category:
-                        continue
+                    if (
+                        event is None
+                        or event.category != category
+                        or replayed_for(record.headers) is not None
+                    ):
+                        continue  # not an event of the category, or a dead letter sent back (no new event)
                     if stream_id:
                         if event.stream_id != stream_id or event.version <= last_version:
                             continue
@@ -634,8 +638,8 @@ class PartitionWriter:
     def _learn(self, record: Record) -> None:
         r = record
         event = parse_event(r.topic, r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms)
-        if event is None:
-            return  # not a gateway event
+        if event is None or replayed_for(r.headers) is not None:
+            return  # not a gateway event, or a dead letter sent back (the original is known already)
         key = (event.category, event.stream_id)
         if event.version > self._heads.get(key, 0):
             self._heads[key] = event.version

@@ -27,7 +27,7 @@ from gateway.adapters.kafka import AsyncProducer, ConsumerRunner, FailurePolicy,
 from gateway.adapters.sql.documents import DocumentRow, FieldFilter, Page
 from gateway.adapters.sql.read_models import DocumentChange, OffsetConflict, ReadModelStore, RegistryEntry
 from gateway.definitions import Definitions, DefinitionsError, ReadModelDef
-from gateway.domain.dead_letters import dlt_topic
+from gateway.domain.dead_letters import dlt_topic, replayed_for
 from gateway.domain.events import Position, StoredEvent, parse_event
 from gateway.domain.projections import EventView, Handler, HandlerFailed, fold
 from gateway.errors import BackendUnavailable, InvalidArgument, NotFound, ReadModelBehind
@@ -170,18 +170,23 @@ class Projection:
             if handler is None:
                 continue
             key = event.stream_id
-            if event.version <= versions.get(key, 0):
-                continue  # already in the document
+            # A replay of an event this projection dead-lettered is not in the document, whatever its
+            # version; a replay for another consumer, or any other event at or below it, already is.
+            replay = replayed_for(record.headers)
+            if replay not in (None, "", self.group_id):
+                continue
+            if event.version <= versions.get(key, 0) and replay != self.group_id:
+                continue
             try:
                 document = await self._fold(handler, documents.get(key), event)
             except HandlerFailed as failed:
                 await self._dead_letter(record, failed)
                 continue
             documents[key] = document
-            versions[key] = event.version
+            versions[key] = max(event.version, versions.get(key, 0))
             changes[key] = DocumentChange(
                 data=document,
-                version=event.version,
+                version=versions[key],
                 position=Position.after(record.topic, record.partition, record.offset).encode(),
                 partition=record.partition,
                 offset=record.offset,

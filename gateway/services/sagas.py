@@ -51,11 +51,10 @@ from gateway.adapters.kafka import (
 from gateway.adapters.redis import ChangeFeed
 from gateway.adapters.sql import SagaStore
 from gateway.definitions import Definitions
-from gateway.domain.dead_letters import dlt_topic
+from gateway.domain.dead_letters import SAGA_DLT, dlt_topic
 from gateway.domain.events import partition_for
 from gateway.domain.sagas import (
     CORRELATION_ID,
-    SAGA_DLT,
     Kind,
     Saga,
     SagaPlan,
@@ -79,7 +78,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RateLimited,
 )
-from gateway.services.dead_letter_writer import DeadLetterWriter
+from gateway.services.dead_letter_writer import DEAD_LETTERS, DeadLetterWriter
 from gateway.services.idempotency import Idempotency
 from gateway.settings import KafkaSettings, SagasSettings
 from gateway.tasks import bounded, raise_if_cancelling, spawn, stop_task
@@ -522,6 +521,8 @@ class Sagas:
                 )
             else:
                 done.append((saga.saga_id, saga.version))
+                if saga.status is SagaStatus.FAILED:
+                    DEAD_LETTERS.labels(SAGA_DLT, "kpg-sagas").inc()
         try:
             await asyncio.to_thread(self._store.mark_dispatched, done)
         except BackendUnavailable as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.adapters.kafka import ConsumerRunner, FailurePolicy, Record
 from gateway.adapters.sql import StreamIndex
+from gateway.domain.dead_letters import replayed_for
 from gateway.domain.events import parse_event
 from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.progress import Progress
@@ -76,7 +77,7 @@ class StreamIndexer:
         for r in records:
             positions[(r.topic, r.partition)] = r.offset + 1
             event = parse_event(r.topic, r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms)
-            if event is not None:
+            if event is not None and replayed_for(r.headers) is None:  # a replay is no new event
                 events.append(event)
         await asyncio.to_thread(self.index.apply, events, positions)
         self._progress.notify()

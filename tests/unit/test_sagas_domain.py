@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.definitions import parse_definitions
+from gateway.domain.dead_letters import SAGA_DLT
 from gateway.domain.sagas import (
-    SAGA_DLT,
     Kind,
     Saga,
     SagaPlan,

@@ -54,8 +54,8 @@ class RecordsRejected(TransactionAborted):
 class OutRecord:
     topic: str
     partition: int
-    key: bytes
-    value: bytes
+    key: bytes | None
+    value: bytes | None
     headers: Sequence[Header]
 
 
