@@ -27,6 +27,7 @@ from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
 from gateway.patterns import (
     Context,
+    dead_letters_pattern,
     event_store_pattern,
     grpc_bindings,
     read_models_pattern,
@@ -73,6 +74,7 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         read_models_pattern(context),
         request_reply_pattern(context),
         sagas_pattern(context),
+        dead_letters_pattern(context),
     ]
 
     async def start_up() -> None:

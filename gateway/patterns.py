@@ -18,11 +18,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, PartitionScanner, TopicSpec
+from gateway.adapters.kafka import (
+    AsyncProducer,
+    KafkaAdmin,
+    PartitionScanner,
+    TopicSpec,
+    TransactionalProducer,
+)
 from gateway.adapters.redis import ChangeFeed, CorrelationStore, LeaseStore, RedisClient
 from gateway.adapters.sql import Database, ReadModelStore, SagaStore, StreamIndex
 from gateway.definitions import Definitions
 from gateway.services.dead_letter_writer import DeadLetterWriter
+from gateway.services.dead_letters import DeadLetters
 from gateway.services.events import EventStore
 from gateway.services.idempotency import Idempotency
 from gateway.services.read_models import ReadModels
@@ -31,6 +38,7 @@ from gateway.services.sagas import SAGA_CHANGES_CHANNEL, Sagas
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
 from gateway.tasks import bounded
+from gateway.transport.grpc.dead_letters import DeadLettersServicer
 from gateway.transport.grpc.sagas import SagasServicer
 from gateway.transport.grpc.servicers import (
     EventStoreServicer,
@@ -40,6 +48,7 @@ from gateway.transport.grpc.servicers import (
     bindings,
 )
 from gateway.transport.rest.app import Router
+from gateway.transport.rest.dead_letters import dead_letters_router
 from gateway.transport.rest.events import event_store_router
 from gateway.transport.rest.read_models import read_models_router
 from gateway.transport.rest.request_reply import request_reply_router
@@ -252,4 +261,26 @@ def sagas_pattern(context: Context) -> Pattern:
         topics=sagas.topics,
         start=sagas.start,
         stop=sagas.stop,
+    )
+
+
+def dead_letters_pattern(context: Context) -> Pattern:
+    """DLT reprocessing: list, inspect, replay at most once and discard dead letters; its state topic."""
+    kafka, settings = context.settings.kafka, context.settings.dead_letters
+    dead_letters = DeadLetters(
+        settings=settings,
+        admin=context.admin,
+        scanners=lambda: PartitionScanner(kafka),
+        writers=lambda transactional_id: TransactionalProducer(
+            kafka, transactional_id, transaction_timeout_ms=settings.transaction_timeout_ms
+        ),
+        replay_allowed=context.definitions.replay_allowed,
+    )
+    return Pattern(
+        name="DLT reprocessing",
+        service="kpg.v1.DeadLetters",
+        servicer=DeadLettersServicer(dead_letters),
+        router=dead_letters_router(dead_letters),
+        topics=dead_letters.topics,
+        stop=dead_letters.stop,
     )

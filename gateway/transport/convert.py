@@ -13,10 +13,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from kpg.v1 import event_store_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
+from kpg.v1 import dead_letters_pb2, event_store_pb2, read_models_pb2, request_reply_pb2, sagas_pb2
 
+from gateway.domain.dead_letters import DeadLetter, DeadLetterFilter, DeadLetterState, DltFormat
 from gateway.domain.events import (
     DEFAULT_CONTENT_TYPE,
     MAX_INT64,
@@ -36,6 +37,7 @@ from gateway.domain.events import (
 from gateway.domain.request_reply import Reply, ReplyStatus, Request
 from gateway.domain.sagas import Saga, StartRequest
 from gateway.errors import FieldViolation, InvalidArgument
+from gateway.services.dead_letters import DeadLetterPage, DeadLetterTopic, ReprocessRequest, ReprocessResult
 from gateway.services.read_models import Document, FieldFilter, ReadModelStatus
 
 _EXPECTED_STATE = {
@@ -421,3 +423,158 @@ def start_saga_body_to_pb(body: Any) -> sagas_pb2.StartSagaRequest:
     message = sagas_pb2.StartSagaRequest()
     parse_json(body, message)
     return message
+
+
+# --- DeadLetters ---------------------------------------------------------------------------------------
+
+
+def dead_letter_state_from_pb(state: int) -> DeadLetterState | None:
+    """The domain's state, None for UNSPECIFIED (any state); an unknown number is refused."""
+    if state not in dead_letters_pb2.DeadLetterState.values():
+        raise InvalidArgument.field("state", f"unknown value {state}")
+    if state == dead_letters_pb2.DEAD_LETTER_STATE_UNSPECIFIED:
+        return None
+    name = dead_letters_pb2.DeadLetterState.Name(state)  # type: ignore[arg-type]
+    return DeadLetterState(name.removeprefix("DEAD_LETTER_STATE_"))
+
+
+def dead_letter_filter_from_pb(
+    message: dead_letters_pb2.ListDeadLettersRequest | dead_letters_pb2.ReprocessRequest,
+) -> DeadLetterFilter:
+    return DeadLetterFilter(
+        original_topic=message.original_topic,
+        error_class=message.error_class,
+        key=message.key or None,
+        since_ms=message.since.ToMilliseconds() if message.HasField("since") else None,
+        until_ms=message.until.ToMilliseconds() if message.HasField("until") else None,
+        state=dead_letter_state_from_pb(message.state),
+    )
+
+
+def reprocess_from_pb(message: dead_letters_pb2.ReprocessRequest) -> ReprocessRequest:
+    return ReprocessRequest(
+        dlt_topic=message.dlt_topic,
+        ids=list(message.ids),
+        filters=dead_letter_filter_from_pb(message),
+        target_topic=message.target_topic,
+        dry_run=message.dry_run,
+        force=message.force,
+    )
+
+
+def reprocess_result_to_pb(result: ReprocessResult) -> dead_letters_pb2.ReprocessResponse:
+    return dead_letters_pb2.ReprocessResponse(
+        selected=result.selected, reprocessed=result.reprocessed, skipped=result.skipped, failed=result.failed
+    )
+
+
+def dead_letter_topic_to_pb(topic: DeadLetterTopic) -> dead_letters_pb2.DeadLetterTopic:
+    return dead_letters_pb2.DeadLetterTopic(
+        topic=topic.topic, partitions=topic.partitions, record_count=topic.record_count
+    )
+
+
+def _timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
+    if ms is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+_FORMATS = {
+    DltFormat.KPG: dead_letters_pb2.DEAD_LETTER_FORMAT_KPG,
+    DltFormat.SPRING: dead_letters_pb2.DEAD_LETTER_FORMAT_SPRING,
+    DltFormat.JSON_ENVELOPE: dead_letters_pb2.DEAD_LETTER_FORMAT_JSON_ENVELOPE,
+    DltFormat.UNKNOWN: dead_letters_pb2.DEAD_LETTER_FORMAT_UNKNOWN,
+}
+
+
+def dead_letter_to_pb(letter: DeadLetter) -> dead_letters_pb2.DeadLetter:
+    details = letter.details
+    headers: dict[str, bytes] = {}
+    for name, raw in letter.headers:
+        headers[name] = raw  # a repeated header: the last value, as the formats read it
+    return dead_letters_pb2.DeadLetter(
+        id=letter.id,
+        dlt_topic=letter.dlt_topic,
+        partition=letter.partition,
+        offset=letter.offset,
+        key=letter.key or b"",
+        payload=details.payload or b"",
+        headers=headers,
+        original_topic=details.original_topic,
+        original_partition=details.original_partition,
+        original_offset=details.original_offset,
+        original_timestamp=_timestamp(details.original_timestamp_ms),
+        consumer_group=details.consumer_group,
+        error_class=details.error_class,
+        error_message=details.error_message,
+        stack_trace=details.stack_trace,
+        attempts=details.attempts,
+        failed_at=_timestamp(details.failed_at_ms),
+        state=dead_letters_pb2.DeadLetterState.Value(f"DEAD_LETTER_STATE_{letter.state.value}"),
+        reprocess_count=letter.reprocess_count,
+        format=_FORMATS[details.format],
+    )
+
+
+def dead_letter_topics_to_pb(
+    topics: Sequence[DeadLetterTopic],
+) -> dead_letters_pb2.ListDeadLetterTopicsResponse:
+    return dead_letters_pb2.ListDeadLetterTopicsResponse(topics=[dead_letter_topic_to_pb(t) for t in topics])
+
+
+def dead_letter_page_to_pb(page: DeadLetterPage) -> dead_letters_pb2.ListDeadLettersResponse:
+    return dead_letters_pb2.ListDeadLettersResponse(
+        dead_letters=[dead_letter_to_pb(d) for d in page.dead_letters], next_page_token=page.next_page_token
+    )
+
+
+def discard_result_to_pb(discarded: int) -> dead_letters_pb2.DiscardResponse:
+    return dead_letters_pb2.DiscardResponse(discarded=discarded)
+
+
+def reprocess_body_to_pb(body: Any, *, dlt_topic: str) -> dead_letters_pb2.ReprocessRequest:
+    message = dead_letters_pb2.ReprocessRequest()
+    _parse_dead_letters_body(body, message)
+    message.dlt_topic = dlt_topic
+    return message
+
+
+def discard_body_to_pb(body: Any, *, dlt_topic: str) -> dead_letters_pb2.DiscardRequest:
+    message = dead_letters_pb2.DiscardRequest()
+    _parse_dead_letters_body(body, message)
+    message.dlt_topic = dlt_topic
+    return message
+
+
+def _parse_dead_letters_body(body: Any, message: Message) -> None:
+    """A REST body (proto3 JSON) into `message`; the DLT topic comes from the path, not the body."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    parse_json({k: v for k, v in body.items() if k not in ("dltTopic", "dlt_topic")}, message)
+
+
+def timestamp_from_text(text: str, field: str) -> int | None:
+    """Epoch ms of an RFC 3339 time given in a query string (None when empty)."""
+    if not text:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    try:
+        stamp.FromJsonString(text)
+    except ValueError:
+        raise InvalidArgument.field(field, "must be an RFC 3339 time, such as 2026-12-04T12:00:00Z") from None
+    return stamp.ToMilliseconds()
+
+
+def dead_letter_state_from_text(text: str) -> DeadLetterState | None:
+    name = text.removeprefix("DEAD_LETTER_STATE_")
+    if name in ("", "UNSPECIFIED"):
+        return None
+    try:
+        return DeadLetterState(name)
+    except ValueError:
+        raise InvalidArgument.field("state", "must be NEW, REPROCESSED or DISCARDED") from None
