@@ -26,6 +26,7 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from kpg import GatewayClient, error_details
+from kpg.v1 import dead_letters_pb2 as dl
 from kpg.v1 import sagas_pb2 as sg
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -350,6 +351,25 @@ async def test_a_compensation_that_always_fails_ends_failed_with_a_saga_dead_let
     assert headers["kpg-dlt-error-message"] == final.failure_reason
     assert headers["kpg-dlt-original-topic"].endswith("inventory.commands")
     assert headers["kpg-saga-id"] == started.saga_id and headers["kpg-message-type"] == "ReleaseStockV0"
+
+    # Operators find it through the DeadLetters API, with its saga id and the reason.
+    async with GatewayClient(gateway.target) as client:
+        page = await client.dead_letters.ListDeadLetters(
+            dl.ListDeadLettersRequest(
+                dlt_topic="kpg.sagas.DLT", key=started.saga_id.encode(), state=dl.DEAD_LETTER_STATE_NEW
+            )
+        )
+    [letter] = page.dead_letters
+    assert letter.headers["kpg-saga-id"] == started.saga_id.encode()
+    assert letter.headers["kpg-saga-status"] == b"FAILED"
+    assert (letter.error_class, letter.error_message) == ("SagaCompensationFailed", final.failure_reason)
+    assert (letter.original_partition, letter.original_offset, letter.format) == (
+        -1,
+        -1,
+        dl.DEAD_LETTER_FORMAT_KPG,
+    )
+    assert letter.original_topic.endswith("inventory.commands") and letter.attempts == 3
+    assert json.loads(letter.payload)["command"] == "ReleaseStockV0"
 
 
 # --- the API's answers ---------------------------------------------------------------------------------
