@@ -291,12 +291,6 @@ def replayed_for(headers: Sequence[tuple[str, bytes]]) -> str | None:
     return replay
 
 
-def replay_is_for(headers: Sequence[tuple[str, bytes]], consumer_group: str) -> bool:
-    """Whether `consumer_group` should process this record: every original, and the replays for it."""
-    target = replayed_for(headers)
-    return target is None or target in ("", consumer_group)
-
-
 class DeadLetterState(enum.StrEnum):
     """Contract: DeadLetter.state."""
 

@@ -202,7 +202,15 @@ async def test_a_poison_event_is_dead_lettered_and_once_fixed_reprocessed_into_i
             "types": {"Explode": 1.0, "Updated": 1.0},
         }
         stream = await client.events.ReadStream(es.ReadStreamRequest(category=category, stream_id="s-1"))
-    assert [e.version for e in stream.events] == [1, 2, 3, 4]  # the replay is no new event of the stream
+        # The replays are no new events: neither reads nor subscribers see them.
+        seen: dict[str, list[int]] = {"s-1": [], "s-2": []}
+        async with asyncio.timeout(30):
+            async for event in client.events.Subscribe(es.SubscribeRequest(category=category)):
+                seen[event.stream_id].append(event.version)
+                if sum(map(len, seen.values())) == 8:
+                    break
+    assert [e.version for e in stream.events] == [1, 2, 3, 4]
+    assert seen == {"s-1": [1, 2, 3, 4], "s-2": [1, 2, 3, 4]}
 
 
 # --- Spring Kafka and the JSON envelope ------------------------------------------------------------------

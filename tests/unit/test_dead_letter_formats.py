@@ -9,14 +9,22 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway.definitions import parse_definitions
 from gateway.domain.dead_letters import (
+    NOT_RESOLVED,
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterState,
     DltFormat,
     Failure,
+    Resolution,
     dead_letter_id,
     dlt_headers,
+    never_a_target,
     parse_dead_letter_id,
     read_dead_letter,
     replay_headers,
+    replayed_for,
 )
 
 FAILED_AT = datetime(2026, 12, 4, 12, 30, tzinfo=UTC)
@@ -164,3 +172,94 @@ def test_dead_letter_ids() -> None:
     assert parse_dead_letter_id("a:b.DLT:0:0") == ("a:b.DLT", 0, 0)
     for bad in ["", "orders.events:2:41", "orders.events.DLT:2", "orders.events.DLT:-1:4", "x.DLT:1:4\n"]:
         assert parse_dead_letter_id(bad) is None, bad
+
+
+def test_a_replay_names_the_group_it_is_for_and_who_should_skip_it() -> None:
+    original = [("ce_type", b"OrderPlaced")]
+    assert replayed_for(original) is None  # not a replay: everyone processes it
+    plain = replay_headers(original, replayed_from="t.DLT:0:1", replay_count=1)
+    assert replayed_for(plain) == ""  # a replay for any group
+    aimed = replay_headers(original, replayed_from="t.DLT:0:1", replay_count=1, consumer_group="kpg-rm-x")
+    assert aimed[-1] == ("kpg-replay-consumer-group", b"kpg-rm-x") and replayed_for(aimed) == "kpg-rm-x"
+    # Replayed again for another group: the old mark is replaced, not kept beside the new one.
+    again = replay_headers(aimed, replayed_from="t.DLT:0:9", replay_count=2, consumer_group="other")
+    assert [v for k, v in again if k == "kpg-replay-consumer-group"] == [b"other"]
+
+
+def _letter(headers: list[tuple[str, bytes]], resolution: Resolution = NOT_RESOLVED) -> DeadLetter:
+    return DeadLetter(
+        "orders.events.DLT",
+        2,
+        41,
+        b"k",
+        tuple(headers),
+        read_dead_letter(headers, b"v", timestamp_ms=1000),
+        resolution,
+    )
+
+
+def test_a_letters_replay_counts_earlier_replays_and_carries_its_group() -> None:
+    failure = Failure("orders.events", 0, 5, None, "kpg-rm-x", "E", "m", "", 3, FAILED_AT)
+    came_back = dlt_headers(
+        [("kpg-replayed-from", b"orders.events.DLT:0:1"), ("kpg-replay-count", b"1")], failure
+    )
+    letter = _letter(came_back, Resolution(DeadLetterState.REPROCESSED, replays=1))
+    assert (letter.state, letter.reprocess_count) == (DeadLetterState.REPROCESSED, 2)
+    payload, headers = letter.replay("orders.events")
+    assert payload == b"v"
+    assert headers == [
+        ("kpg-replayed-from", b"orders.events.DLT:2:41"),
+        ("kpg-replay-count", b"3"),
+        ("kpg-replay-consumer-group", b"kpg-rm-x"),
+    ]
+
+
+def test_resolutions_round_trip_and_foreign_values_are_ignored() -> None:
+    replayed = NOT_RESOLVED.replayed("orders.events", 10).replayed("orders.events", 20)
+    assert (replayed.state, replayed.replays, replayed.at_ms) == (DeadLetterState.REPROCESSED, 2, 20)
+    discarded = replayed.discarded("refunded", 30)
+    assert (discarded.state, discarded.replays, discarded.reason) == (
+        DeadLetterState.DISCARDED,
+        2,
+        "refunded",
+    )
+    assert Resolution.decode(discarded.encode()) == discarded
+    for foreign in [None, b"", b"nope", b"[]", b'{"state": "LOST"}', b'{"replays": 1}']:
+        assert Resolution.decode(foreign) is None, foreign
+
+
+def test_the_state_filter() -> None:
+    new, done = _letter([]), _letter([], Resolution(DeadLetterState.DISCARDED, reason="x"))
+    assert DeadLetterFilter().matches(new) and DeadLetterFilter().matches(done)
+    assert DeadLetterFilter(state=DeadLetterState.NEW).matches(new)
+    assert not DeadLetterFilter(state=DeadLetterState.NEW).matches(done)
+    assert DeadLetterFilter(state=DeadLetterState.DISCARDED).matches(done)
+
+
+@pytest.mark.parametrize(
+    ("dlt", "target", "allowed"),
+    [
+        ("orders.events.DLT", "orders.events", True),  # where its records came from
+        ("orders.events.DLT", "payments", False),
+        ("orders.events.DLT", "pricing.eu", True),  # dead_letters.targets: ["pricing.*"]
+        ("kpg.sagas.DLT", "inventory.commands", True),  # a saga step topic
+        ("orders.events.DLT", "inventory.commands", False),
+        ("legacy.DLT", "kpg.dlt.state", False),  # internal, even when a pattern matches
+        ("legacy.DLT", "__consumer_offsets", False),
+        ("legacy.DLT", "other.DLT", False),
+        ("legacy.DLT", "", False),
+    ],
+)
+def test_where_replays_may_go(dlt: str, target: str, allowed: bool) -> None:
+    definitions = parse_definitions(
+        {
+            "sagas": {"s": {"steps": [{"name": "a", "topic": "inventory.commands", "command": "Reserve"}]}},
+            "dead_letters": {"targets": ["pricing.*", "kpg.*", "_*", "*.DLT"]},
+        }
+    )
+    assert definitions.replay_allowed(dlt, target) is allowed
+
+
+def test_internal_and_dead_letter_topics_are_never_targets() -> None:
+    assert all(never_a_target(t) for t in ["kpg.dlt.state", "kpg.sagas.DLT", "__consumer_offsets", "x.DLT"])
+    assert not any(never_a_target(t) for t in ["orders.events", "kpgx", "DLT", "x.DLTs"])
