@@ -163,7 +163,9 @@ class DeadLettersSettings(_Frozen):
     batch_size: int = Field(default=500, ge=1)
     # Reading a DLT range, the state topic, or initialising a writer, fails BACKEND_UNAVAILABLE past this.
     scan_timeout_ms: int = Field(default=30_000, ge=100)
-    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
+    # A Reprocess killed mid-transaction holds up read_committed readers of its target (an event topic's
+    # projections, say) until the broker aborts it after this long, or the next Reprocess does at once.
+    transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
 
 
 class Settings(BaseSettings):

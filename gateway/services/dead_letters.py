@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from prometheus_client import Counter
@@ -53,6 +53,7 @@ from gateway.domain.dead_letters import (
 from gateway.domain.events import murmur2
 from gateway.errors import BackendUnavailable, InvalidArgument, NotFound, TopicNotAllowed
 from gateway.settings import DeadLettersSettings
+from gateway.tasks import bounded
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +288,9 @@ class DeadLetters:
                 )
         wanted = None if ids is None else (lambda p, o: (p, o) in ids)
         run = _Run(self, request)
-        async with self._lock(dlt):
+        async with self._exclusive(dlt):
             if not request.dry_run:
-                await self._writer(dlt)
+                await self._writer(dlt)  # fences any other writer first: then the states are complete
             await self.states.refresh()
             scanner = self._scanners()  # its own: a long Reprocess never holds up listings
             try:
@@ -363,7 +364,7 @@ class DeadLetters:
         positions = self._positions(dlt_topic, ids, marks)
         letters = [dead_letter_id(dlt_topic, p, o) for p, o in sorted(positions)]
         discarded = 0
-        async with self._lock(dlt_topic):
+        async with self._exclusive(dlt_topic):
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
                 writer = await self._writer(dlt_topic)
                 await self.states.refresh()
@@ -380,7 +381,7 @@ class DeadLetters:
                         [self.states.record(letter, r) for letter, r in changes.items()], self._timeout_s
                     )
                 except (TransactionAborted, OutcomeUnknown, BackendUnavailable) as exc:
-                    self._drop_writer(dlt_topic, writer)
+                    await self._drop_writer(dlt_topic, writer)
                     if attempt == TRANSACTION_ATTEMPTS:
                         raise
                     log.warning("discarding from %s: %s; trying again", dlt_topic, exc)
@@ -393,8 +394,17 @@ class DeadLetters:
 
     # --- Writers --------------------------------------------------------------------------------------
 
-    def _lock(self, dlt_topic: str) -> asyncio.Lock:
-        return self._locks.setdefault(dlt_topic, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, dlt_topic: str) -> AsyncIterator[None]:
+        """One Reprocess or Discard of a DLT topic at a time in this process (other processes are fenced
+        by the transactional.id); the topic's writer lives as long as the call."""
+        async with self._locks.setdefault(dlt_topic, asyncio.Lock()):
+            try:
+                yield
+            finally:
+                writer = self._producers.pop(dlt_topic, None)
+                if writer is not None:
+                    await bounded(writer.close(), self._timeout_s, what=f"closing the writer of {dlt_topic}")
 
     async def _writer(self, dlt_topic: str) -> TransactionalProducer:
         """This DLT topic's transactional producer, initialised (which fences any other instance's)."""
@@ -405,13 +415,12 @@ class DeadLetters:
             self._producers[dlt_topic] = writer
         return writer
 
-    def _drop_writer(self, dlt_topic: str, writer: TransactionalProducer) -> None:
+    async def _drop_writer(self, dlt_topic: str, writer: TransactionalProducer) -> None:
         """Forget a writer after a failed transaction: the next one initialises afresh, which completes or
         aborts whatever this one left open, so re-reading the states afterwards shows what is on Kafka."""
         if self._producers.get(dlt_topic) is writer:
             del self._producers[dlt_topic]
-        task = asyncio.ensure_future(writer.close())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await bounded(writer.close(), self._timeout_s, what=f"closing a failed writer of {dlt_topic}")
 
     async def _partitions(self, topic: str, cache: dict[str, int | None]) -> int | None:
         if topic not in cache:
@@ -481,7 +490,7 @@ class _Run:
                 intended = {}
                 continue
             except (TransactionAborted, OutcomeUnknown, BackendUnavailable) as exc:
-                service._drop_writer(dlt, writer)
+                await service._drop_writer(dlt, writer)
                 if attempt == TRANSACTION_ATTEMPTS:
                     raise
                 log.warning("reprocessing from %s: %s; re-reading the states and trying again", dlt, exc)
