@@ -228,6 +228,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gateway.cli.dead_letters import add_dlt_commands
     from gateway.devstack.cli import add_dev_commands
 
     parser = argparse.ArgumentParser(prog="kpg", description="Kafka Pattern Gateway")
@@ -236,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(func=run_serve)
     add_dev_commands(commands)
+    add_dlt_commands(commands)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -151,6 +151,9 @@ class DeadLetterStates:
     def record(self, dead_letter: str, resolution: Resolution) -> OutRecord:
         return OutRecord(self.topic, 0, dead_letter.encode(), resolution.encode(), [])
 
+    async def close(self) -> None:
+        await self._scanner.close()
+
 
 class DeadLetters:
     """The DeadLetters service (contract section 5)."""
@@ -185,8 +188,9 @@ class DeadLetters:
     async def stop(self, timeout_s: float) -> None:
         producers, self._producers = list(self._producers.values()), {}
         for producer in producers:
-            await producer.close()
+            await bounded(producer.close(), timeout_s, what="closing a dead-letter writer")
         await self._list_scanner.close()
+        await self.states.close()
 
     # --- Reading --------------------------------------------------------------------------------------
 
