@@ -157,6 +157,9 @@ class DeadLettersSettings(_Frozen):
     state_topic: str = Field(default="kpg.dlt.state", pattern=r"^[A-Za-z0-9._-]{1,249}$")
     list_default_limit: int = Field(default=100, ge=1)
     list_max_limit: int = Field(default=1_000, ge=1)
+    # A page ends early (with a next_page_token) before its dead letters pass this many bytes, so it fits a
+    # client's default 4 MiB message limit whatever their stack traces.
+    page_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     # Ids one Reprocess or Discard may name.
     max_ids: int = Field(default=10_000, ge=1)
     # Replays sent per Kafka transaction (with their states): the unit a kill can cut a Reprocess at.

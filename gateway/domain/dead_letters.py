@@ -371,6 +371,19 @@ class DeadLetter:
         return self.resolution.state
 
     @property
+    def size(self) -> int:
+        """Roughly its bytes in an answer: key, payload, headers and the text read from them."""
+        details = self.details
+        return (
+            len(self.key or b"")
+            + len(details.payload or b"")
+            + sum(len(name) + len(raw) for name, raw in self.headers)
+            + len(details.stack_trace)
+            + len(details.error_message)
+            + 200
+        )
+
+    @property
     def reprocess_count(self) -> int:
         """Replays of the failed record before it came here (its header) plus replays of this record."""
         return self.details.reprocess_count + self.resolution.replays

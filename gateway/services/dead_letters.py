@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
@@ -221,10 +221,14 @@ class DeadLetters:
             for p, (low, high) in marks.items()
             if p >= after[0]
         }
+        size = 0
         # Closed on an early return too: the scanner is locked until its scan ends.
         async with contextlib.aclosing(self._read(self._list_scanner, dlt_topic, ranges)) as letters:
             async for letter in letters:
                 if filters.matches(letter):
+                    size += letter.size
+                    if found and size > self._settings.page_max_bytes:  # the next page starts with it
+                        return DeadLetterPage(found, _encode_token(letter.partition, letter.offset))
                     found.append(letter)
                     if len(found) == limit:
                         return DeadLetterPage(found, _encode_token(letter.partition, letter.offset + 1))
@@ -261,8 +265,9 @@ class DeadLetters:
                 async for chunk in chunks:
                     for record in chunk:
                         if wanted is None or wanted(record.partition, record.offset):
-                            letter = _letter(record)
-                            yield replace(letter, resolution=self.states.get(letter.id))
+                            yield _letter(
+                                record, self.states.get(dead_letter_id(dlt_topic, partition, record.offset))
+                            )
 
     async def _watermarks(self, dlt_topic: str) -> dict[int, tuple[int, int]]:
         if not is_dlt_topic(dlt_topic):
@@ -534,7 +539,7 @@ def _partition(letter: DeadLetter, target: str, partitions: int) -> int:
     return 0
 
 
-def _letter(record: Record) -> DeadLetter:
+def _letter(record: Record, resolution: Resolution) -> DeadLetter:
     return DeadLetter(
         dlt_topic=record.topic,
         partition=record.partition,
@@ -542,6 +547,7 @@ def _letter(record: Record) -> DeadLetter:
         key=record.key,
         headers=tuple(record.headers),
         details=read_dead_letter(record.headers, record.value, timestamp_ms=record.timestamp_ms),
+        resolution=resolution,
     )
 
 

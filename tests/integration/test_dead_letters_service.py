@@ -55,9 +55,11 @@ ENVELOPE = {
 }
 
 
-def service_on(backends: Backends, state_topic: str, *targets: str) -> DeadLetters:
+def service_on(
+    backends: Backends, state_topic: str, *targets: str, page_max_bytes: int = 1 << 20
+) -> DeadLetters:
     """A DeadLetters service as the gateway builds it, with its own state topic (one per test)."""
-    settings = DeadLettersSettings(state_topic=state_topic, batch_size=3)
+    settings = DeadLettersSettings(state_topic=state_topic, batch_size=3, page_max_bytes=page_max_bytes)
     kafka = backends.kafka()
     definitions = parse_definitions({"dead_letters": {"targets": list(targets)}})
     return DeadLetters(
@@ -347,3 +349,19 @@ async def test_two_instances_at_once_replay_each_record_once(
             assert len(page.dead_letters) == 7
     replays = consume_all(backends, failed.removesuffix(".DLT"), 7)
     assert sorted(key for _, key, _, _ in replays) == [b"k-%d" % i for i in range(7)]
+
+
+async def test_a_page_ends_before_its_byte_budget(backends: Backends, failed: str, unique: str) -> None:
+    """However large the records, a page stays within `page_max_bytes` (one record at least), and the
+    pages still return every record once."""
+    async with running(service_on(backends, f"{unique}.dlt.state", page_max_bytes=1024), backends) as small:
+        seen: list[int] = []
+        pages, token = 0, ""
+        while True:
+            page = await small.list_dead_letters(failed, DeadLetterFilter(), limit=100, page_token=token)
+            assert page.dead_letters and sum(d.size for d in page.dead_letters[1:]) <= 1024
+            seen += [d.offset for d in page.dead_letters]
+            pages, token = pages + 1, page.next_page_token
+            if not token:
+                break
+    assert seen == list(range(8)) and pages >= 3
