@@ -20,29 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
-from gateway.adapters.redis import IdempotencyStore, RedisClient
-from gateway.adapters.sql import Database
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
-from gateway.patterns import (
-    Context,
-    dead_letters_pattern,
-    event_store_pattern,
-    grpc_bindings,
-    read_models_pattern,
-    request_reply_pattern,
-    rest_routers,
-    sagas_pattern,
-    start_patterns,
-    stop_patterns,
-)
-from gateway.services.health import BackendMonitor
-from gateway.services.idempotency import Idempotency, IdempotencySettings
 from gateway.settings import Settings
 from gateway.tasks import bounded
-from gateway.transport.grpc import create_grpc_server
-from gateway.transport.rest import create_rest_app, create_rest_server
 
 log = logging.getLogger("gateway")
 
@@ -51,6 +32,27 @@ EXIT_BAD_CONFIG = 2
 
 async def serve(settings: Settings, definitions: Definitions) -> None:
     """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
+    # Imported here: `kpg dlt` and `kpg dev` need none of it, and start in a fraction of the time it takes.
+    from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
+    from gateway.adapters.redis import IdempotencyStore, RedisClient
+    from gateway.adapters.sql import Database
+    from gateway.patterns import (
+        Context,
+        dead_letters_pattern,
+        event_store_pattern,
+        grpc_bindings,
+        read_models_pattern,
+        request_reply_pattern,
+        rest_routers,
+        sagas_pattern,
+        start_patterns,
+        stop_patterns,
+    )
+    from gateway.services.health import BackendMonitor
+    from gateway.services.idempotency import Idempotency, IdempotencySettings
+    from gateway.transport.grpc import create_grpc_server
+    from gateway.transport.rest import create_rest_app, create_rest_server
+
     producer = AsyncProducer(settings.kafka)
     admin = KafkaAdmin(settings.kafka)
     redis = RedisClient(settings.redis)

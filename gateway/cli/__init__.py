@@ -1,0 +1,1 @@
+"""Operator commands that talk to a running gateway over gRPC, as any client does (`kpg dlt ...`)."""
