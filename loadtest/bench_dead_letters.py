@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,6 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from kpg import GatewayClient
 from kpg.v1 import dead_letters_pb2 as dl
 
@@ -66,6 +64,7 @@ from gateway.domain.dead_letters import (
     dlt_topic,
 )
 from gateway.settings import DeadLettersSettings, HealthSettings, KafkaSettings, RedisSettings
+from loadtest.support import cpu_seconds, create_topics, delete_topics, figure, stop_gateway
 from tests.support import SERVING, GatewayProcess, wait_for_health
 
 PARTITIONS = 3
@@ -224,49 +223,7 @@ def dead_letters_gateway(args: argparse.Namespace, topics: Topics, workdir: Path
     )
 
 
-def stop_gateway(gateway: GatewayProcess) -> None:
-    if gateway.process is None:
-        return
-    try:
-        gateway.terminate(30)
-    except subprocess.TimeoutExpired:
-        gateway.kill()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds a process has used so far (psutil where installed, else /proc)."""
-    try:
-        import psutil  # type: ignore[import-untyped]
-    except ImportError:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 # --- Kafka topics and raw clients ---------------------------------------------------------------------------
-
-
-def create_topics(bootstrap_servers: str, specs: dict[str, tuple[int, dict[str, str]]]) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    new = [NewTopic(name, partitions, -1, config=config) for name, (partitions, config) in specs.items()]
-    for future in admin.create_topics(new).values():
-        try:
-            future.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-
-
-def delete_topics(bootstrap_servers: str, names: list[str]) -> None:
-    """Best effort: a topic that is not there (never created) is fine; anything else is reported."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    for name, future in admin.delete_topics(names, operation_timeout=30).items():
-        try:
-            future.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                print(f"could not delete topic {name}: {exc}", file=sys.stderr)
 
 
 def dead_letter_producer(bootstrap_servers: str, topic: str) -> Producer:
@@ -466,27 +423,22 @@ class Phase:
             "phase": self.name,
             "path": self.path,
             "records": self.records,
-            "seconds": _figure(self.seconds, 3),
-            "records_per_s": _figure(self.rate, 0),
-            "bench_cpu_ms_per_1000": _figure(self.cpu_ms_per_1000(self.bench_cpu_s), 1),
+            "seconds": figure(self.seconds, 3),
+            "records_per_s": figure(self.rate, 0),
+            "bench_cpu_ms_per_1000": figure(self.cpu_ms_per_1000(self.bench_cpu_s), 1),
         }
         if self.path == "gateway":
-            figures["gateway_cpu_ms_per_1000"] = _figure(self.gateway_cpu_ms_per_1000, 1)
+            figures["gateway_cpu_ms_per_1000"] = figure(self.gateway_cpu_ms_per_1000, 1)
         if self.page_ms:
             figures |= {
                 "pages": len(self.page_ms),
-                "page_p50_ms": _figure(self.p(0.5), 1),
-                "page_p99_ms": _figure(self.p(0.99), 1),
-                "page_mean_kib": _figure(sum(self.page_kib) / len(self.page_kib), 1),
+                "page_p50_ms": figure(self.p(0.5), 1),
+                "page_p99_ms": figure(self.p(0.99), 1),
+                "page_mean_kib": figure(sum(self.page_kib) / len(self.page_kib), 1),
             }
         if self.note:
             figures["note"] = self.note
         return figures
-
-
-def _figure(value: float, digits: int) -> float | None:
-    """None where there is no figure: JSON has no NaN."""
-    return None if math.isnan(value) else round(value, digits)
 
 
 class Meter:
@@ -759,7 +711,7 @@ def main() -> int:
             "sizes": results.sizes,
             "phases": [phase.to_json() for phase in results.phases],
             "ratios_gateway_over_raw": ratios(results.phases),
-            "idle_gateway_cpu_ms_per_s": _figure(idle_gateway_cpu_ms_per_s(results.phases), 1),
+            "idle_gateway_cpu_ms_per_s": figure(idle_gateway_cpu_ms_per_s(results.phases), 1),
             "answers": results.answers,
             "problems": results.problems,
         }

@@ -42,8 +42,7 @@ from typing import Any, cast
 
 import grpc
 import yaml
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import Consumer, Message, Producer
 from kpg import GatewayClient, error_details
 from kpg.v1 import sagas_pb2 as sg
 
@@ -62,6 +61,7 @@ from gateway.domain.sagas import (
     correlation_id,
 )
 from gateway.settings import HealthSettings
+from loadtest.support import cpu_seconds, create_topics, delete_topics, figure, stop_gateway
 from tests.support import SERVING, GatewayProcess, wait_for_health
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,47 +178,7 @@ def saga_gateway(args: argparse.Namespace, topics: Topics, workdir: Path) -> Gat
     )
 
 
-def stop_gateway(gateway: GatewayProcess) -> None:
-    if gateway.process is None:
-        return
-    try:
-        gateway.terminate(30)
-    except subprocess.TimeoutExpired:
-        gateway.kill()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds a process has used so far (psutil where installed, else /proc)."""
-    try:
-        import psutil  # type: ignore[import-untyped]
-    except ImportError:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 # --- Kafka topics -------------------------------------------------------------------------------------------
-
-
-def create_topic(bootstrap_servers: str, name: str, partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    try:
-        admin.create_topics([NewTopic(name, partitions, -1)])[name].result(30)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise
-
-
-def delete_topics(bootstrap_servers: str, names: list[str]) -> None:
-    """Best effort: a topic that is not there (never created) is fine; anything else is reported."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    for name, future in admin.delete_topics(names, operation_timeout=30).items():
-        try:
-            future.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                print(f"could not delete topic {name}: {exc}", file=sys.stderr)
 
 
 # --- the two paths ------------------------------------------------------------------------------------------
@@ -397,22 +357,17 @@ class Row:
         figures = {
             "path": self.path,
             "in_flight": self.in_flight,
-            "seconds": _figure(self.seconds, 3),
+            "seconds": figure(self.seconds, 3),
             "sagas": self.sagas,
-            "sagas_per_s": _figure(self.rate, 1),
-            "p50_ms": _figure(self.p(0.5), 1),
-            "p99_ms": _figure(self.p(0.99), 1),
+            "sagas_per_s": figure(self.rate, 1),
+            "p50_ms": figure(self.p(0.5), 1),
+            "p99_ms": figure(self.p(0.99), 1),
             "errors": dict(self.errors),
-            "cpu_ms_per_saga": {name: _figure(self.cpu_ms_per_saga(name), 2) for name in self.per_saga},
+            "cpu_ms_per_saga": {name: figure(self.cpu_ms_per_saga(name), 2) for name in self.per_saga},
         }
         if self.path == "bare":
-            figures["idle_gateway_cpu_ms_per_s"] = _figure(self.idle_gateway_cpu_ms_per_s, 1)
+            figures["idle_gateway_cpu_ms_per_s"] = figure(self.idle_gateway_cpu_ms_per_s, 1)
         return figures
-
-
-def _figure(value: float, digits: int) -> float | None:
-    """None where there is no figure (no saga completed): JSON has no NaN."""
-    return None if math.isnan(value) else round(value, digits)
 
 
 async def run_row(row: Row, saga: Saga, duration_s: float, cpu: Callable[[], dict[str, float]]) -> Row:
@@ -562,7 +517,7 @@ def main() -> None:
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kpg-bench-sagas-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    create_topic(args.bootstrap_servers, topics.bare_replies, REPLY_PARTITIONS)
+    create_topics(args.bootstrap_servers, {topics.bare_replies: (REPLY_PARTITIONS, {})})
     participants = Participants(
         bootstrap_servers=args.bootstrap_servers,
         prefix=args.topic_prefix,
