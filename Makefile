@@ -16,7 +16,7 @@ DEFINITIONS ?= examples/definitions.yaml
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup run up down test unit gen check-gen lint bench soak clean
+.PHONY: setup run up down test unit gen check-gen lint bench loadtest soak clean
 
 setup: $(VENV)/.synced
 

@@ -24,14 +24,14 @@ from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging
 from gateway.settings import Settings
 from gateway.tasks import bounded
+from gateway.workers import EXIT_BAD_CONFIG, EXIT_CANNOT_SERVE, Supervisor, die_with_parent, free_port
 
 log = logging.getLogger("gateway")
 
-EXIT_BAD_CONFIG = 2
 
-
-async def serve(settings: Settings, definitions: Definitions) -> None:
-    """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
+async def serve(settings: Settings, definitions: Definitions, *, worker: int | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then stop gracefully. `worker`: this process's index under
+    `kpg serve --workers` (it then shares its ports with the other workers)."""
     # Imported here: `kpg dlt` and `kpg dev` need none of it, and start in a fraction of the time it takes.
     from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
     from gateway.adapters.redis import IdempotencyStore, RedisClient
@@ -97,13 +97,14 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
         timeout_s=settings.health.check_timeout_s,
         on_first_ready=start_up,
     )
+    reuse_port = worker is not None
     grpc_server, grpc_port = await create_grpc_server(
-        settings.grpc, bindings=grpc_bindings(patterns), monitor=monitor
+        settings.grpc, bindings=grpc_bindings(patterns), monitor=monitor, reuse_port=reuse_port
     )
     rest_app = create_rest_app(
         monitor=monitor, routers=rest_routers(patterns), max_body_bytes=settings.rest.max_body_bytes
     )
-    rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app)
+    rest_server, rest_socket, rest_port = create_rest_server(settings.rest, rest_app, reuse_port=reuse_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,12 +115,13 @@ async def serve(settings: Settings, definitions: Definitions) -> None:
     rest_task = asyncio.create_task(rest_server.serve(sockets=[rest_socket]), name="rest")
     monitor.start()
     log.info(
-        "gateway serving gRPC on %s:%d and REST on http://%s:%d",
+        "gateway %sserving gRPC on %s:%d and REST on http://%s:%d",
+        "" if worker is None else f"worker {worker} ",
         settings.grpc.host,
         grpc_port,
         settings.rest.host,
         rest_port,
-        extra={"grpc_port": grpc_port, "rest_port": rest_port},
+        extra={"grpc_port": grpc_port, "rest_port": rest_port, "worker": worker},
     )
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -177,7 +179,7 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     put("grpc", "port", args.grpc_port)
     put("rest", "host", args.rest_host)
     put("rest", "port", args.rest_port)
-    for key in ("definitions", "state_dir", "log_level"):
+    for key in ("definitions", "state_dir", "log_level", "workers"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return Settings(**overrides)
@@ -202,6 +204,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--state-dir", type=Path, help="state folder (KPG_STATE_DIR, default .state)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="KPG_LOG_LEVEL")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes sharing the ports (KPG_WORKERS, default 0: one per core)",
+    )
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -217,16 +225,31 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("invalid definitions: %s", exc)
         print(f"kpg serve: invalid definitions: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    workers = settings.workers or os.cpu_count() or 1
+    if args.worker_index is None and workers > 1:
+        return _supervise(args, settings, workers)
+    if args.worker_index is not None:
+        die_with_parent()
     try:
-        asyncio.run(serve(settings, definitions))
+        asyncio.run(serve(settings, definitions, worker=args.worker_index))
     except DefinitionsError as exc:  # a Python handler that cannot be imported
         log.error("invalid definitions: %s", exc)
         print(f"kpg serve: invalid definitions: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except OSError as exc:
         print(f"kpg serve: {exc}", file=sys.stderr)
-        return 1
+        return 1 if args.worker_index is None else EXIT_CANNOT_SERVE
     return 0
+
+
+def _supervise(args: argparse.Namespace, settings: Settings, workers: int) -> int:
+    """Run `workers` gateway processes on the same ports (a port 0 is chosen here, once for all)."""
+    grpc_port = settings.grpc.port or free_port(settings.grpc.host)
+    rest_port = settings.rest.port or free_port(settings.rest.host)
+    worker_args = [*args.argv, "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)]
+    log.info("supervising %d workers on gRPC port %d and REST port %d", workers, grpc_port, rest_port)
+    stop_within_s = settings.shutdown_grace_s + SHUTDOWN_SLACK_S + 5.0
+    return Supervisor(worker_args, workers, stop_within_s=stop_within_s).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_dev_commands(commands)
     add_dlt_commands(commands)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return int(args.func(args))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
 
 REQUESTS = Counter(
     "kpg_requests_total",
@@ -25,6 +26,16 @@ LATENCY = Histogram(
     ["transport", "rpc"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+def metrics_registry() -> CollectorRegistry:
+    """What `/metrics` shows: this process's metrics, or, under `kpg serve --workers`, every worker's
+    added up (the supervisor gives them one `PROMETHEUS_MULTIPROC_DIR`)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def observe(transport: str, rpc: str, code: str, reason: str | None, seconds: float) -> None:

@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     sagas: SagasSettings = SagasSettings()
     dead_letters: DeadLettersSettings = DeadLettersSettings()
     definitions: Path | None = None
+    # Gateway processes sharing the gRPC and REST ports (SO_REUSEPORT); 0 means one per core.
+    workers: int = Field(default=0, ge=0, le=256)
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -24,7 +24,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class GatewayProcess:
     """`kpg serve` as a user runs it, on free ports, with its output in a log file."""
 
-    def __init__(self, workdir: Path, *, env: Mapping[str, str], args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, env: Mapping[str, str], args: list[str] | None = None, workers: int = 1
+    ) -> None:
+        """`workers`: `kpg serve --workers` (1, one process, unless a test is about several)."""
         self.grpc_port, self.rest_port = free_ports(2)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,7 @@ class GatewayProcess:
             "KPG_LOG_FORMAT": "json",
             **env,
         }
-        self.args = args or []
+        self.args = [*(args or []), "--workers", str(workers)]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -91,7 +91,11 @@ TAKEOVER = Histogram(
     "Taking a partition: lease, fencing the previous writer, reading the log the index has not applied",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-SUBSCRIBERS = Gauge("kpg_event_subscribers", "Live Subscribe calls (gRPC and SSE) this gateway serves")
+SUBSCRIBERS = Gauge(
+    "kpg_event_subscribers",
+    "Live Subscribe calls (gRPC and SSE) this gateway serves",
+    multiprocess_mode="livesum",
+)
 DERIVED_IDS = uuid.UUID("6f3c2a4e-9a51-4c1e-8d0b-2b7f4b9e6a10")
 
 

@@ -49,7 +49,12 @@ FAILURES = Counter(
     "Handler failures (each attempt), and events sent to the DLT",
     ["read_model", "outcome"],
 )
-LAG = Gauge("kpg_projection_lag_records", "Records of the category not yet applied", ["read_model"])
+LAG = Gauge(
+    "kpg_projection_lag_records",
+    "Records of the category not yet applied",
+    ["read_model"],
+    multiprocess_mode="mostrecent",  # every worker measures the same lag (from the shared database)
+)
 
 
 def compile_handlers(name: str, definition: ReadModelDef) -> Callable[[str], Handler | None]:

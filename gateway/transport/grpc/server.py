@@ -15,15 +15,21 @@ from gateway.transport.grpc.servicers import ServiceBinding
 
 
 async def create_grpc_server(
-    settings: GrpcSettings, *, bindings: Sequence[ServiceBinding], monitor: BackendMonitor
+    settings: GrpcSettings,
+    *,
+    bindings: Sequence[ServiceBinding],
+    monitor: BackendMonitor,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Build and bind the server (port 0 picks a free port); the caller starts and stops it."""
+    """Build and bind the server (port 0 picks a free port); the caller starts and stops it. `reuse_port`:
+    share the port with the other workers (`kpg serve --workers`); off otherwise, so that a second gateway
+    started on a port in use fails instead of silently taking half of its connections."""
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor()],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     for binding in bindings:

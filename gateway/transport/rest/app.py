@@ -7,6 +7,7 @@ serves that method and path, the placeholder is left out by itself.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import NotImplementedYet, PayloadTooLarge
-from gateway.observability import observe
+from gateway.observability import metrics_registry, observe
 from gateway.services.health import BackendMonitor
 from gateway.transport.rest.errors import error_response, install_error_handlers
 
@@ -88,13 +89,15 @@ def create_rest_app(
     @app.get("/readyz", tags=["operations"], name="readyz")
     async def readyz() -> JSONResponse:
         """Readiness: 200 once Kafka and Redis answer (and start-up work is done), else 503."""
-        body = {"ready": monitor.ready, "backends": monitor.status}
+        body = {"ready": monitor.ready, "backends": monitor.status, "pid": os.getpid()}
         return JSONResponse(body, status_code=200 if monitor.ready else 503)
+
+    registry = metrics_registry()
 
     @app.get("/metrics", tags=["operations"], name="metrics")
     async def metrics() -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics (of every worker, under `kpg serve --workers`)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:
         app.include_router(router)

@@ -22,14 +22,19 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def create_rest_server(settings: RestSettings, app: FastAPI) -> tuple[EmbeddedServer, socket.socket, int]:
-    """Bind the socket now (port 0 picks a free port) so the caller knows the port before serving."""
+def create_rest_server(
+    settings: RestSettings, app: FastAPI, *, reuse_port: bool = False
+) -> tuple[EmbeddedServer, socket.socket, int]:
+    """Bind the socket now (port 0 picks a free port) so the caller knows the port before serving.
+    `reuse_port`: share the port with the other workers (`kpg serve --workers`)."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets, and without it every
     # response waits ~40 ms for a delayed ACK (Nagle).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((settings.host, settings.port))
     except OSError as exc:
