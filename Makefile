@@ -70,6 +70,12 @@ soak: setup
 unit: setup
 	$(VENV)/bin/pytest tests/unit
 
+## loadtest: locust for every pattern over gRPC and REST (20 users, 60 s, headless) against a gateway it starts on the dev stack, or KPG_TARGET; prints a summary, reports in .state/loadtest (LOADTEST_ARGS="--tags sagas --duration 30")
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(KPG) dev up
+	eval "$$($(KPG) dev env)" && $(VENV)/bin/python loadtest/run_locust.py $(LOADTEST_ARGS)
+
 ## gen: regenerate every client from proto/
 gen: setup
 	scripts/gen.sh

@@ -196,14 +196,9 @@ class DeadLetters:
 
     async def list_topics(self) -> list[DeadLetterTopic]:
         """Every topic ending in `.DLT`, by name, with the records it retains."""
-        found = []
-        for topic, partitions in sorted((await self._admin.list_topics()).items()):
-            if is_dlt_topic(topic):
-                marks = await self._admin.watermarks(topic)
-                found.append(
-                    DeadLetterTopic(topic, partitions, sum(high - low for low, high in marks.values()))
-                )
-        return found
+        dlts = {t: n for t, n in (await self._admin.list_topics()).items() if is_dlt_topic(t)}
+        counts = await self._admin.record_counts(dlts)
+        return [DeadLetterTopic(topic, dlts[topic], counts[topic]) for topic in sorted(dlts)]
 
     async def list_dead_letters(
         self, dlt_topic: str, filters: DeadLetterFilter, *, limit: int = 0, page_token: str = ""

@@ -96,6 +96,26 @@ class KafkaAdmin:
 
         await self._run(delete)
 
+    async def record_counts(self, topics: dict[str, int], timeout_s: float = 10.0) -> dict[str, int]:
+        """Records each topic retains (high minus low watermark, summed over its partitions), for many
+        topics in two list-offsets requests rather than two per topic. `topics`: name -> partition count."""
+
+        def counts() -> dict[str, int]:
+            partitions = [TopicPartition(t, p) for t, n in topics.items() for p in range(n)]
+            if not partitions:
+                return {}
+            first = {tp: OffsetSpec.earliest() for tp in partitions}  # type: ignore[no-untyped-call]
+            last = {tp: OffsetSpec.latest() for tp in partitions}  # type: ignore[no-untyped-call]
+            earliest = self._client.list_offsets(first, request_timeout=timeout_s)
+            latest = self._client.list_offsets(last, request_timeout=timeout_s)
+            found = dict.fromkeys(topics, 0)
+            for tp in partitions:
+                found[tp.topic] += latest[tp].result().offset - earliest[tp].result().offset
+            return found
+
+        result: dict[str, int] = await self._run(counts)
+        return result
+
     async def watermarks(self, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
         """Partition -> (low, high) watermark offsets."""
 
