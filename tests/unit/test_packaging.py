@@ -57,3 +57,10 @@ def test_compose_definitions_are_the_examples(compose: dict[str, Any], repo_root
     assert path.parent == Path("/etc/kpg/examples")
     assert "COPY examples /etc/kpg/examples" in (repo_root / "Dockerfile").read_text()
     load_definitions(repo_root / "examples" / path.name)
+
+
+def test_protobuf_runs_on_upb() -> None:
+    """The pure-Python protobuf fallback is many times slower; an install that lands on it must fail here."""
+    from google.protobuf.internal import api_implementation
+
+    assert api_implementation.Type() == "upb"
