@@ -1,13 +1,18 @@
-"""What the benchmarks share: stopping the gateway they started, a process's CPU time, Kafka topics made
-and removed, and figures fit for JSON."""
+"""What the benchmarks share: stopping the gateway they started, a process's (or a process tree's) CPU
+time, finding the broker's and Redis's processes, helper processes that say when they are ready, Kafka
+topics made and removed, percentiles, and figures fit for JSON."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import select
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -61,3 +66,111 @@ def delete_topics(bootstrap_servers: str, names: list[str]) -> None:
 def figure(value: float, digits: int) -> float | None:
     """None where there is no figure: JSON has no NaN."""
     return None if math.isnan(value) else round(value, digits)
+
+
+def _psutil() -> Any:
+    """psutil (installed with the dev tools; it has no type stubs here, hence not a static import)."""
+    return importlib.import_module("psutil")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by the nearest-rank rule; NaN when there are no values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and every live descendant (a supervisor and its workers): a process that
+    is gone counts nothing (the processes measured here live as long as the benchmark)."""
+    psutil = _psutil()
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's live descendants (a supervisor's workers)."""
+    psutil = _psutil()
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def listening_pid(port: int) -> int | None:
+    """The local process listening on this TCP port (the broker, Redis), or None: not on this machine, or
+    not ours to see."""
+    psutil = _psutil()
+    try:
+        connections = psutil.net_connections("tcp")
+    except psutil.AccessDenied:
+        return None
+    for connection in connections:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return int(connection.pid)
+    return None
+
+
+def connections_by_pid(pids: Iterable[int], port: int) -> dict[int, int]:
+    """Established connections each process holds on its local `port`: how SO_REUSEPORT spread callers."""
+    psutil = _psutil()
+    counts: dict[int, int] = {}
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections("tcp")
+        except psutil.NoSuchProcess:
+            continue
+        counts[pid] = sum(
+            1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+        )
+    return counts
+
+
+class ReadyProcess:
+    """A helper process that prints `ready` on stdout once it serves (participants, responders, reference
+    servers); its stderr goes to a log file."""
+
+    def __init__(self, name: str, argv: list[str], *, log_path: Path, cwd: Path | None = None) -> None:
+        self.name = name
+        self._argv = argv
+        self._log_path = log_path
+        self._cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> ReadyProcess:
+        self.process = subprocess.Popen(
+            self._argv, stdout=subprocess.PIPE, stderr=self._log_path.open("ab"), cwd=self._cwd
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        line = self.process.stdout.readline() if readable else b""  # b"" also when it exited
+        if line.strip() != b"ready":
+            raise RuntimeError(f"{self.name} not ready within {timeout_s:.0f}s; see {self._log_path}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
