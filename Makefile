@@ -66,6 +66,12 @@ soak: setup
 	$(KPG) dev up
 	eval "$$($(KPG) dev env)" && $(VENV)/bin/python loadtest/soak.py --duration $(SOAK_S)
 
+## bench: every pattern next to its reference (raw confluent-kafka, bare round trips, do-nothing grpc.aio and FastAPI) on the dev stack in one run (~5 min); prints each ratio with its target, writes JSON and a chart to .state/bench (BENCH_ARGS="--quick", "--workers 2")
+BENCH_ARGS ?=
+bench: setup
+	$(KPG) dev up
+	eval "$$($(KPG) dev env)" && $(VENV)/bin/python loadtest/bench.py $(BENCH_ARGS)
+
 ## unit: the fast tier only (no broker)
 unit: setup
 	$(VENV)/bin/pytest tests/unit

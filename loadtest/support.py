@@ -98,27 +98,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def descendants(pid: int) -> list[int]:
-    """The pids of a process's live descendants (a supervisor's workers)."""
-    psutil = _psutil()
-    try:
-        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def listening_pid(port: int) -> int | None:
-    """The local process listening on this TCP port (the broker, Redis), or None: not on this machine, or
-    not ours to see."""
+def listening_pids(port: int) -> list[int]:
+    """The local processes listening on this TCP port (several when they share it with SO_REUSEPORT);
+    none when it is not on this machine, or not ours to see."""
     psutil = _psutil()
     try:
         connections = psutil.net_connections("tcp")
     except psutil.AccessDenied:
-        return None
-    for connection in connections:
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
-            return int(connection.pid)
-    return None
+        return []
+    return sorted(
+        {
+            int(c.pid)
+            for c in connections
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid is not None
+        }
+    )
+
+
+def listening_pid(port: int) -> int | None:
+    """The local process listening on this TCP port (the broker, Redis), or None."""
+    pids = listening_pids(port)
+    return pids[0] if pids else None
 
 
 def connections_by_pid(pids: Iterable[int], port: int) -> dict[int, int]:
