@@ -207,7 +207,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        help="gateway processes sharing the ports (KPG_WORKERS, default 0: one per core)",
+        help="gateway processes sharing the ports (KPG_WORKERS; default 1; 0: one per core)",
     )
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -269,3 +270,20 @@ async def test_a_bad_definition_in_a_worker_stops_the_supervisor_with_exit_code_
         gateway.kill()
     assert code == 2, gateway.log()
     assert "tests.e2e.nowhere" in gateway.log()
+
+
+async def test_a_taken_port_stops_the_supervisor_with_a_clear_error(deployment: Deployment) -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: no worker can share its port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gateway = deployment.gateway()
+        gateway.args += ["--grpc-port", str(port)]
+        gateway.start()
+        try:
+            assert gateway.process is not None
+            code = await asyncio.to_thread(gateway.process.wait, 60)
+        finally:
+            gateway.kill()
+    assert code == 1, gateway.log()
+    assert f"cannot bind gRPC to 127.0.0.1:{port}" in gateway.log()
