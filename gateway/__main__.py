@@ -3,7 +3,8 @@
 Each pattern is one entry of the `patterns` list in `serve()` (its builder in gateway/patterns.py holds
 its services, topics, start/stop, gRPC servicer and REST router); nothing else here names a pattern.
 
-`kpg serve` (or `python -m gateway`) runs one asyncio process serving gRPC and REST. If Kafka or Redis
+`kpg serve` (or `python -m gateway`) runs one asyncio process serving gRPC and REST; with `--workers N`
+it runs a supervisor of N such processes on the same ports instead (gateway/workers.py). If Kafka or Redis
 is not reachable it keeps serving NOT_SERVING and retries, rather than crashing.
 """
 
