@@ -26,9 +26,7 @@ import asyncio
 import json
 import math
 import os
-import select
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +59,7 @@ from gateway.domain.sagas import (
     correlation_id,
 )
 from gateway.settings import HealthSettings
-from loadtest.support import cpu_seconds, create_topics, delete_topics, figure, stop_gateway
+from loadtest.support import ReadyProcess, cpu_seconds, create_topics, delete_topics, figure, stop_gateway
 from tests.support import SERVING, GatewayProcess, wait_for_health
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,41 +117,6 @@ def saga_definition(prefix: str) -> dict[str, Any]:
 
 
 # --- the processes ------------------------------------------------------------------------------------------
-
-
-class Participants:
-    """examples/participants.py `all` (inventory, payment, orders; in-memory dedupe), in its own process."""
-
-    def __init__(self, *, bootstrap_servers: str, prefix: str, log_path: Path) -> None:
-        self._args = ["all", "--bootstrap-servers", bootstrap_servers, "--topic-prefix", prefix]
-        self._log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Participants:
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "examples" / "participants.py"), *self._args],
-            stdout=subprocess.PIPE,
-            stderr=self._log_path.open("ab"),
-        )
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Until it prints `ready` (every participant has its partitions)."""
-        assert self.process is not None and self.process.stdout is not None
-        readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
-        line = self.process.stdout.readline() if readable else b""  # b"" also when it exited
-        if line.strip() != b"ready":
-            raise RuntimeError(f"participants not ready within {timeout_s:.0f}s; see {self._log_path}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def saga_gateway(args: argparse.Namespace, topics: Topics, workdir: Path) -> GatewayProcess:
@@ -406,7 +369,7 @@ def _raise_if_cancelling() -> None:
 
 
 async def measure(
-    args: argparse.Namespace, topics: Topics, gateway: GatewayProcess, participants: Participants
+    args: argparse.Namespace, topics: Topics, gateway: GatewayProcess, participants: ReadyProcess
 ) -> list[Row]:
     assert gateway.process is not None and participants.process is not None
     gateway_pid, participants_pid = gateway.process.pid, participants.process.pid
@@ -518,9 +481,19 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kpg-bench-sagas-"))
     workdir.mkdir(parents=True, exist_ok=True)
     create_topics(args.bootstrap_servers, {topics.bare_replies: (REPLY_PARTITIONS, {})})
-    participants = Participants(
-        bootstrap_servers=args.bootstrap_servers,
-        prefix=args.topic_prefix,
+    # The three participants in one process of their own (in-memory dedupe); it prints `ready` once they
+    # have their partitions.
+    participants = ReadyProcess(
+        "participants",
+        [
+            sys.executable,
+            str(REPO / "examples" / "participants.py"),
+            "all",
+            "--bootstrap-servers",
+            args.bootstrap_servers,
+            "--topic-prefix",
+            args.topic_prefix,
+        ],
         log_path=workdir / "participants.log",
     )
     gateway = saga_gateway(args, topics, workdir)

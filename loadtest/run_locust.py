@@ -34,7 +34,6 @@ import csv
 import json
 import math
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -56,7 +55,7 @@ from kpg.v1 import dead_letters_pb2_grpc as dl_grpc
 
 from gateway.domain.dead_letters import Failure, dlt_headers
 from gateway.settings import HealthSettings
-from loadtest.support import create_topics, delete_topics, stop_gateway
+from loadtest.support import ReadyProcess, create_topics, delete_topics, stop_gateway
 from tests.support import SERVING, GatewayProcess, wait_for_health
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,41 +121,6 @@ _RESPONDER = textwrap.dedent(
 )
 
 
-class Child:
-    """A helper process that prints `ready` once it has its partitions; its stderr in a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name, self.argv, self.log_path = name, argv, log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Child:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self.process.stdout], [], [], left)
-            line = self.process.stdout.readline() if readable else b""
-            if line.strip() == b"ready":
-                return
-            if not line and (not readable or self.process.poll() is not None):
-                break
-        raise RuntimeError(f"{self.name} not ready within {timeout_s:.0f}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def seed_dead_letters(bootstrap_servers: str, topic: str, original_topic: str, count: int) -> None:
     """`count` dead letters as the gateway writes them (a failed OrderPlaced with its `kpg-dlt-*` headers)."""
     producer = Producer({"bootstrap.servers": bootstrap_servers, "enable.idempotence": True})
@@ -213,7 +177,7 @@ class Stack:
             args=["--definitions", str(definitions)],
         )
         python = sys.executable
-        self.participants = Child(
+        self.participants = ReadyProcess(
             "participants",
             [
                 python,
@@ -221,16 +185,18 @@ class Stack:
                 "all",
                 *("--topic-prefix", prefix, "--bootstrap-servers", bootstrap_servers),
             ],
-            workdir / "participants.log",
+            log_path=workdir / "participants.log",
+            cwd=REPO,
         )
-        self.responder = Child(
+        self.responder = ReadyProcess(
             "responder",
             [
                 python,
                 *("-c", _RESPONDER, str(REPO / "examples" / "inventory_responder.py")),
                 *(self.request_topic, bootstrap_servers),
             ],
-            workdir / "responder.log",
+            log_path=workdir / "responder.log",
+            cwd=REPO,
         )
 
     @property

@@ -10,6 +10,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,11 +160,17 @@ class ReadyProcess:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
+        """Until it prints a line `ready` (other lines before it are skipped); fails if it exits first."""
         assert self.process is not None and self.process.stdout is not None
-        readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
-        line = self.process.stdout.readline() if readable else b""  # b"" also when it exited
-        if line.strip() != b"ready":
-            raise RuntimeError(f"{self.name} not ready within {timeout_s:.0f}s; see {self._log_path}")
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.process.stdout], [], [], left)
+            line = self.process.stdout.readline() if readable else b""  # b"" also when it exited
+            if line.strip() == b"ready":
+                return
+            if not line and (not readable or self.process.poll() is not None):
+                break
+        raise RuntimeError(f"{self.name} not ready within {timeout_s:.0f}s; see {self._log_path}")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
