@@ -115,7 +115,7 @@ class Projection:
         dead_letters: DeadLetterWriter,
         kafka: KafkaSettings,
         settings: ReadModelsSettings,
-        progress: Progress,
+        progress: Progress[tuple[str, str, int]],
     ) -> None:
         self.model = model
         self.table = table
@@ -205,7 +205,7 @@ class Projection:
             changes=changes,
         )
         APPLIED.labels(self.model).inc(applied)
-        self._progress.notify()
+        self._progress.applied({(self.table, *tp): offset for tp, offset in offsets.items()})
 
     async def _fold(
         self, handler: Handler, document: dict[str, Any] | None, event: StoredEvent
@@ -241,7 +241,7 @@ class Projection:
                 )
             except OffsetConflict:
                 return  # another instance moved it: fine
-            self._progress.notify()
+            self._progress.applied({(self.table, *tp): offset for tp, offset in moved.items()})
 
 
 class ReadModels:
@@ -264,7 +264,7 @@ class ReadModels:
         self._handlers = {name: compile_handlers(name, d) for name, d in definitions.read_models.items()}
         self._entries: dict[str, RegistryEntry] = {}
         self._projections: dict[str, Projection] = {}  # by table
-        self._progress = Progress()
+        self._progress: Progress[tuple[str, str, int]] = Progress()
         self._supervisor: asyncio.Task[None] | None = None
         self._retired: list[tuple[float, str]] = []
         self._reconciling = asyncio.Lock()
@@ -399,18 +399,26 @@ class ReadModels:
             raise InvalidArgument.field("wait_timeout_ms", f"must be at most {self._settings.max_wait_ms}")
         timeout_s = (wait_timeout_ms or self._settings.default_wait_ms) / 1000
 
-        async def reached() -> bool:
+        partitions = [(topic, p) for p in position.offsets]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # The active table, again every second: a rebuild that finishes meanwhile swaps it.
             table = self._entry(model).active_table
-            offsets = await asyncio.to_thread(
-                self._store.offsets, table, [(topic, p) for p in position.offsets]
-            )
-            return all(offsets.get((topic, p), 0) >= o for p, o in position.offsets.items())
+            targets = {(table, topic, p): o for p, o in position.offsets.items()}
 
-        if not await self._progress.wait_until(reached, timeout_s):
-            raise ReadModelBehind(
-                f"read model {model!r} has not reached the position within {timeout_s:g}s",
-                metadata={"read_model": model, "min_position": min_position},
-            )
+            async def stored(table: str = table) -> dict[tuple[str, str, int], int]:
+                offsets = await asyncio.to_thread(self._store.offsets, table, partitions)
+                return {(table, *tp): offset for tp, offset in offsets.items()}
+
+            remaining = deadline - time.monotonic()
+            if await self._progress.wait_for(targets, stored, max(0.0, min(1.0, remaining))):
+                return
+            if remaining <= 1.0:
+                break
+        raise ReadModelBehind(
+            f"read model {model!r} has not reached the position within {timeout_s:g}s",
+            metadata={"read_model": model, "min_position": min_position},
+        )
 
     async def get(
         self, model: str, key: str, *, min_position: str = "", wait_timeout_ms: int = 0

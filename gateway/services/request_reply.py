@@ -129,7 +129,6 @@ class RequestReply:
                     topics=[topic],
                     handler=self._on_replies,
                     policy=FailurePolicy(dead_letter=DeadLetterWriter(self._producer)),
-                    linger_s=0.0,
                     synchronous_commit=False,  # a redelivered reply is only a 'duplicate'
                     poll_timeout_s=0.1,
                     **LOW_LATENCY_CONSUMER,

@@ -206,7 +206,6 @@ class Sagas:
                     topics=[topic],
                     handler=self._on_replies,
                     policy=FailurePolicy(dead_letter=DeadLetterWriter(self._producer)),
-                    linger_s=0.0,
                     poll_timeout_s=0.1,
                     **LOW_LATENCY_CONSUMER,
                 )

@@ -45,7 +45,7 @@ class StreamIndexer:
         self._kafka = kafka
         self._topics = list(topics)
         self._dead_letters = dead_letters
-        self._progress = Progress()
+        self._progress: Progress[TopicPartition] = Progress()
         self._runner: ConsumerRunner | None = None
         self._starting = asyncio.Lock()
 
@@ -80,18 +80,18 @@ class StreamIndexer:
             if event is not None and replayed_for(r.headers) is None:  # a replay is no new event
                 events.append(event)
         await asyncio.to_thread(self.index.apply, events, positions)
-        self._progress.notify()
+        self._progress.applied(positions)
 
     async def _advance(self, positions: dict[TopicPartition, int]) -> None:
         # Positions past transaction markers (no rows to index there).
         await asyncio.to_thread(self.index.apply, [], positions)
-        self._progress.notify()
+        self._progress.applied(positions)
 
     async def wait_for(self, topic: str, partition: int, offset: int, timeout_s: float) -> bool:
         """Wait until the index has applied `partition` up to (not including) `offset`."""
         key = (topic, partition)
 
-        async def reached() -> bool:
-            return (await asyncio.to_thread(self.index.progress, [key]))[key] >= offset
+        async def stored() -> dict[TopicPartition, int]:
+            return await asyncio.to_thread(self.index.progress, [key])
 
-        return await self._progress.wait_until(reached, timeout_s)
+        return await self._progress.wait_for({key: offset}, stored, timeout_s)

@@ -67,7 +67,7 @@ class ConsumerRunner:
         policy: FailurePolicy | None = None,
         batch_size: int = 500,
         poll_timeout_s: float = 0.2,
-        linger_s: float = 0.05,
+        linger_s: float = 0.0,
         synchronous_commit: bool = True,
         start_offsets: StartOffsets | None = None,
         on_positions: PositionsHandler | None = None,
@@ -79,7 +79,9 @@ class ConsumerRunner:
         self._policy = policy or FailurePolicy()
         self._batch_size = batch_size
         self._poll_timeout_s = poll_timeout_s
-        # After the first record of a batch, wait this long for more (see consume_ready).
+        # After the first record of a batch, wait this long for more (see consume_ready). None by default:
+        # what arrives while a batch is handled makes the next batch, so batches grow with the load, and a
+        # quiet moment's record is handled at once (a 50 ms linger was most of ReadStream-after-append).
         self._linger_s = linger_s
         # False: commit in the background (a lost commit means a redelivery, for handlers that shrug it off).
         self._synchronous_commit = synchronous_commit

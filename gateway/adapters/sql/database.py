@@ -38,8 +38,11 @@ class Database:
         parsed = make_url(self.url)
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
-        if parsed.get_backend_name() == "sqlite":
+        sqlite = parsed.get_backend_name() == "sqlite"
+        # A server's connections can drop while pooled, so they are pinged at checkout; SQLite's cannot,
+        # and the ping was 8% of a read-model Get.
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+        if sqlite:
             # WAL lets readers run while the indexer writes; busy_timeout waits for a lock instead of failing.
             @event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -33,6 +33,7 @@ from gateway.adapters.sql.documents import (
     count_documents,
     document_table,
     get_document,
+    get_documents,
     query_documents,
 )
 from gateway.errors import BackendUnavailable
@@ -268,13 +269,7 @@ class ReadModelStore:
 
     def load(self, table_name: str, keys: Iterable[str]) -> dict[str, DocumentRow]:
         table = self.table(table_name)
-        wanted = set(keys)
-
-        def rows(connection: Connection) -> dict[str, DocumentRow]:
-            found = (get_document(connection, table, key) for key in wanted)
-            return {row.key: row for row in found if row is not None}
-
-        return self._read(rows)
+        return self._read(lambda connection: get_documents(connection, table, keys))
 
     def commit(
         self,

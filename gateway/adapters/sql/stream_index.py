@@ -16,9 +16,10 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, tuple_
+from sqlalchemy import Table, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -45,13 +46,17 @@ class StreamEventRow(SQLModel, table=True):
     correlation_id: str = ""
     causation_id: str = ""
 
-    def to_event(self) -> StoredEvent:
-        columns = {name: getattr(self, name) for name in _SHARED_FIELDS}
-        return StoredEvent(**columns, metadata=json.loads(self.metadata_json))
-
 
 # Every StoredEvent field is a column of the same name, except metadata (stored as JSON text).
 _SHARED_FIELDS = tuple(f.name for f in fields(StoredEvent) if f.name != "metadata")
+
+
+def _to_event(row: RowMapping) -> StoredEvent:
+    columns = {name: row[name] for name in _SHARED_FIELDS}
+    return StoredEvent(**columns, metadata=json.loads(row["metadata_json"]))
+
+
+_EVENTS: Table = StreamEventRow.__table__  # type: ignore[attr-defined]
 
 
 class StreamHeadRow(SQLModel, table=True):
@@ -152,7 +157,7 @@ class StreamIndex:
                 done = {(topic, partition): offset for topic, partition, offset in rows}
             fresh = [e for e in events if e.offset >= done.get((e.topic, e.partition), 0)]
             if fresh:
-                events_table = StreamEventRow.__table__  # type: ignore[attr-defined]
+                events_table = _EVENTS
                 connection.execute(
                     self._insert(events_table).on_conflict_do_nothing(),
                     [_event_columns(e) for e in fresh],
@@ -201,13 +206,17 @@ class StreamIndex:
         wanted = list(partitions)
         if not wanted:
             return {}
-        with _translated("reading the stream index progress"), self._session() as session:
-            rows = session.exec(
-                select(IndexProgressRow).where(
-                    tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(wanted)
-                )
+        self.ensure_tables()
+        # Core, not the ORM, here and below: read-your-writes waits and every ReadStream run these.
+        with _translated("reading the stream index progress"), self._engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    col(IndexProgressRow.topic),
+                    col(IndexProgressRow.partition),
+                    col(IndexProgressRow.next_offset),
+                ).where(tuple_(col(IndexProgressRow.topic), col(IndexProgressRow.partition)).in_(wanted))
             )
-            found = {(r.topic, r.partition): r.next_offset for r in rows}
+            found = {(topic, partition): offset for topic, partition, offset in rows}
         return {tp: found.get(tp, 0) for tp in wanted}
 
     def heads(self, streams: Iterable[StreamKey]) -> dict[StreamKey, int]:
@@ -234,38 +243,41 @@ class StreamIndex:
         self, category: str, stream_id: str, *, from_version: int, max_count: int, backwards: bool
     ) -> tuple[list[StoredEvent], int]:
         """Up to `max_count` events from `from_version` (inclusive; 0 = the start, or the head backwards)."""
-        with _translated("reading a stream"), self._session() as session:
-            head = session.get(StreamHeadRow, (category, stream_id))
+        self.ensure_tables()
+        with _translated("reading a stream"), self._engine.connect() as connection:
+            head = connection.execute(
+                select(col(StreamHeadRow.version)).where(
+                    col(StreamHeadRow.category) == category, col(StreamHeadRow.stream_id) == stream_id
+                )
+            ).scalar()
             if head is None:
                 return [], 0
-            query = select(StreamEventRow).where(
-                StreamEventRow.category == category, StreamEventRow.stream_id == stream_id
-            )
+            events = _EVENTS
+            query = events.select().where(events.c.category == category, events.c.stream_id == stream_id)
             if backwards:
                 if from_version:
-                    query = query.where(col(StreamEventRow.version) <= from_version)
-                query = query.order_by(col(StreamEventRow.version).desc())
+                    query = query.where(events.c.version <= from_version)
+                query = query.order_by(events.c.version.desc())
             else:
-                query = query.where(col(StreamEventRow.version) >= max(from_version, 1))
-                query = query.order_by(col(StreamEventRow.version))
-            rows = session.exec(query.limit(max_count)).all()
-            return [r.to_event() for r in rows], head.version
+                query = query.where(events.c.version >= max(from_version, 1))
+                query = query.order_by(events.c.version)
+            rows = connection.execute(query.limit(max_count)).mappings()
+            return [_to_event(r) for r in rows], int(head)
 
     def find_event_ids(self, category: str, event_ids: Sequence[str]) -> list[StoredEvent]:
         """The indexed events of `category` with any of these ids, in one round trip per 500 ids."""
         found: list[StoredEvent] = []
         ids = list(dict.fromkeys(event_ids))
-        with _translated("looking up event ids"), self._session() as session:
+        self.ensure_tables()
+        events = _EVENTS
+        with _translated("looking up event ids"), self._engine.connect() as connection:
             for i in range(0, len(ids), 500):
-                rows = session.exec(
-                    select(StreamEventRow).where(
-                        and_(
-                            col(StreamEventRow.category) == category,
-                            col(StreamEventRow.event_id).in_(ids[i : i + 500]),
-                        )
+                rows = connection.execute(
+                    events.select().where(
+                        events.c.category == category, events.c.event_id.in_(ids[i : i + 500])
                     )
-                ).all()
-                found += [r.to_event() for r in rows]
+                ).mappings()
+                found += [_to_event(r) for r in rows]
         return found
 
     def offset_of(self, category: str, stream_id: str, version: int) -> int | None:
