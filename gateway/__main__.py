@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,27 @@ from gateway.workers import EXIT_BAD_CONFIG, EXIT_CANNOT_SERVE, Supervisor, die_
 log = logging.getLogger("gateway")
 
 
-async def serve(settings: Settings, definitions: Definitions, *, worker: int | None = None) -> None:
+@dataclass(frozen=True)
+class Siblings:
+    """The workers of one `kpg serve --workers N`, as each of them is told by the supervisor."""
+
+    count: int
+    directory: Path  # their sockets (adapters/peers.py)
+
+
+async def serve(
+    settings: Settings,
+    definitions: Definitions,
+    *,
+    worker: int | None = None,
+    siblings: Siblings | None = None,
+) -> None:
     """Run the gateway until SIGTERM or SIGINT, then stop gracefully. `worker`: this process's index under
-    `kpg serve --workers` (it then shares its ports with the other workers)."""
+    `kpg serve --workers` (it then shares its ports with the other workers); `siblings`: how many workers
+    there are and the folder of their sockets (adapters/peers.py)."""
     # Imported here: `kpg dlt` and `kpg dev` need none of it, and start in a fraction of the time it takes.
     from gateway.adapters.kafka import AsyncProducer, KafkaAdmin, TopicSpec
+    from gateway.adapters.peers import Peers, PeerServer, socket_path
     from gateway.adapters.redis import IdempotencyStore, RedisClient
     from gateway.adapters.sql import Database
     from gateway.patterns import (
@@ -42,6 +59,7 @@ async def serve(settings: Settings, definitions: Definitions, *, worker: int | N
         dead_letters_pattern,
         event_store_pattern,
         grpc_bindings,
+        peer_handlers,
         read_models_pattern,
         request_reply_pattern,
         rest_routers,
@@ -62,6 +80,9 @@ async def serve(settings: Settings, definitions: Definitions, *, worker: int | N
         IdempotencyStore(redis),
         IdempotencySettings(settings.events.idempotency_ttl_ms, settings.events.idempotency_in_flight_ttl_ms),
     )
+    peers = None
+    if worker is not None and siblings is not None:
+        peers = Peers(siblings.directory, worker, siblings.count)
     context = Context(
         settings=settings,
         definitions=definitions,
@@ -70,6 +91,7 @@ async def serve(settings: Settings, definitions: Definitions, *, worker: int | N
         redis=redis,
         database=database,
         idempotency=idempotency,
+        peers=peers,
     )
     # One entry per pattern (see gateway/patterns.py); starts run in this order, stops in reverse.
     patterns = [
@@ -112,6 +134,10 @@ async def serve(settings: Settings, definitions: Definitions, *, worker: int | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    peer_server = None
+    if peers is not None:
+        peer_server = PeerServer(socket_path(peers.directory, peers.index), peer_handlers(patterns))
+        await peer_server.start()
     await grpc_server.start()
     rest_task = asyncio.create_task(rest_server.serve(sockets=[rest_socket]), name="rest")
     monitor.start()
@@ -145,6 +171,9 @@ async def serve(settings: Settings, definitions: Definitions, *, worker: int | N
         what="stopping the servers",
     )
     await stop_patterns(patterns, left=left)
+    if peer_server is not None and peers is not None:  # after the patterns: forwarded appends finish
+        await bounded(peer_server.close(), 3.0, what="closing the workers' socket")
+        await bounded(peers.close(), 2.0, what="closing connections to the other workers")
     await bounded(producer.close(left()), left() + 1.0, what="flushing the producer")
     await bounded(redis.close(), 2.0, what="closing Redis")
     database.close()
@@ -210,7 +239,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="gateway processes sharing the ports (KPG_WORKERS; default 1; 0: one per core)",
     )
-    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    # Set by the supervisor (gateway/workers.py) for each worker.
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--peers-dir", type=Path, help=argparse.SUPPRESS)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -231,8 +263,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return _supervise(args, settings, workers)
     if args.worker_index is not None:
         die_with_parent()
+    siblings = None
+    if args.worker_index is not None and args.peers_dir is not None and args.worker_count:
+        siblings = Siblings(args.worker_count, args.peers_dir)
     try:
-        asyncio.run(serve(settings, definitions, worker=args.worker_index))
+        asyncio.run(serve(settings, definitions, worker=args.worker_index, siblings=siblings))
     except DefinitionsError as exc:  # a Python handler that cannot be imported
         log.error("invalid definitions: %s", exc)
         print(f"kpg serve: invalid definitions: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +25,8 @@ from gateway.adapters.kafka import (
     TopicSpec,
     TransactionalProducer,
 )
+from gateway.adapters.peers import Handler as PeerHandler
+from gateway.adapters.peers import Peers
 from gateway.adapters.redis import ChangeFeed, CorrelationStore, LeaseStore, RedisClient
 from gateway.adapters.sql import Database, ReadModelStore, SagaStore, StreamIndex
 from gateway.definitions import Definitions
@@ -79,6 +81,8 @@ class Pattern:
     topics: Callable[[], list[TopicSpec]] = field(default=_no_topics)
     start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[float], Awaitable[None]] | None = None
+    # Calls the other workers of `kpg serve --workers N` make to this one, by kind (adapters.peers).
+    peer_handlers: Mapping[str, PeerHandler] = field(default_factory=dict)
 
 
 class TopicCreator(Protocol):
@@ -130,6 +134,17 @@ def rest_routers(patterns: Sequence[Pattern]) -> list[Router]:
     return [p.router for p in patterns if p.router is not None]
 
 
+def peer_handlers(patterns: Sequence[Pattern]) -> dict[str, PeerHandler]:
+    """Every pattern's handlers of calls from sibling workers; a kind belongs to one pattern."""
+    handlers: dict[str, PeerHandler] = {}
+    for pattern in patterns:
+        for kind, handler in pattern.peer_handlers.items():
+            if kind in handlers:
+                raise ValueError(f"two patterns handle the peer call {kind!r}")
+            handlers[kind] = handler
+    return handlers
+
+
 # --- The patterns ----------------------------------------------------------------------------------------
 
 
@@ -144,6 +159,7 @@ class Context:
     redis: RedisClient
     database: Database
     idempotency: Idempotency
+    peers: Peers | None = None  # the sibling workers under `kpg serve --workers N`
 
 
 def event_store_pattern(context: Context) -> Pattern:
@@ -167,6 +183,7 @@ def event_store_pattern(context: Context) -> Pattern:
         idempotency=context.idempotency,
         indexer=indexer,
         scanner=PartitionScanner(settings.kafka),
+        peers=context.peers,
     )
     write_timeout_s = settings.events.subscriber_write_timeout_ms / 1000
 
@@ -189,6 +206,7 @@ def event_store_pattern(context: Context) -> Pattern:
         topics=events.topics,
         start=start,
         stop=stop,
+        peer_handlers={"append": events.append_forwarded},
     )
 
 

@@ -6,6 +6,9 @@ them. Invariants:
 - **Same answers as one process.** A worker is a gateway instance like one on another host: everything
   shared lives in Kafka, Redis or the SQL database (writer leases and fencing, consumer groups, correlation
   and idempotency keys, saga ownership), never in one process's memory.
+- **One writer per partition.** Each worker owns a share of the partitions and the others forward appends
+  to it over a unix socket in a folder the supervisor makes and removes (`--peers-dir`, mode 0700):
+  workers appending to the same partitions would otherwise take its writer from each other.
 - **One view of the metrics.** Workers write their metrics to a folder the supervisor makes and removes
   (`PROMETHEUS_MULTIPROC_DIR`); `/metrics` of any worker adds up all of them.
 - **A dead worker is replaced** after a pause (1 s, doubling up to 30 s while it keeps dying at once);
@@ -81,18 +84,20 @@ class Supervisor:
         env: dict[str, str] | None = None,
     ) -> None:
         """`worker_args`: the `kpg` arguments every worker runs (`serve ...` with fixed ports); each gets
-        `--worker-index I` appended."""
+        `--worker-index I --worker-count N --peers-dir D` appended."""
         self._args = list(worker_args)
         self._workers = [_Worker(i) for i in range(workers)]
         self._stop_within_s = stop_within_s
         self._env = dict(os.environ if env is None else env)
         self._stopping = False
         self._exit_code = 0
+        self._peers_dir = ""
 
     def run(self) -> int:
         """Run the workers until SIGTERM or SIGINT (or a bad configuration); returns the exit code."""
         metrics_dir = tempfile.mkdtemp(prefix="kpg-metrics-")
         self._env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        self._peers_dir = tempfile.mkdtemp(prefix="kpg-workers-")  # mode 0700: this user's processes only
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             log.info("starting %d workers", len(self._workers))
@@ -106,6 +111,7 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            shutil.rmtree(self._peers_dir, ignore_errors=True)
         return self._exit_code
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -113,7 +119,11 @@ class Supervisor:
         self._stopping = True
 
     def _start(self, worker: _Worker) -> None:
-        command = [sys.executable, "-m", "gateway", *self._args, "--worker-index", str(worker.index)]
+        command = [
+            *(sys.executable, "-m", "gateway", *self._args),
+            *("--worker-index", str(worker.index), "--worker-count", str(len(self._workers))),
+            *("--peers-dir", self._peers_dir),
+        ]
         worker.process = subprocess.Popen(command, env=self._env)
         worker.started_at = time.monotonic()
         worker.restart_at = None

@@ -17,6 +17,9 @@ How versions stay contiguous with any number of appenders and gateways:
   under the same key finds its events even when Redis forgot the key.
 - ReadStream reads its own writes: it waits (bounded) until the index has applied the stream's last
   write this gateway knows of, or else the partition's high watermark.
+- Under `kpg serve --workers N` each partition has an owning worker (`Peers.owner`); the others forward
+  its appends there, so workers never take a partition's writer from each other. An owner that cannot
+  be reached (restarting) is covered by the lease: the forwarding worker then appends itself.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -47,6 +50,7 @@ from gateway.adapters.kafka import (
     TransactionalProducer,
     WriterFenced,
 )
+from gateway.adapters.peers import Peers, PeerUnreachable
 from gateway.adapters.redis import LeaseStore
 from gateway.adapters.sql import StreamIndex
 from gateway.definitions import Definitions
@@ -151,8 +155,10 @@ class EventStore:
         idempotency: Idempotency,
         indexer: StreamIndexer,
         scanner: PartitionScanner,
+        peers: Peers | None = None,
     ) -> None:
         self._settings = settings
+        self._peers = peers
         self._kafka = kafka
         self._definitions = definitions
         self._admin = admin
@@ -165,6 +171,8 @@ class EventStore:
         )
         self._partitions: dict[str, int] = {}
         self._writers: dict[tuple[str, int], PartitionWriter] = {}
+        # Where appends forwarded to their owning worker ended, per stream (for read-your-writes).
+        self._forwarded: OrderedDict[StreamKey, int] = OrderedDict()
         self._subscribers = 0
 
     def topics(self) -> list[TopicSpec]:
@@ -179,9 +187,36 @@ class EventStore:
 
     async def append(self, request: AppendRequest) -> AppendResult:
         validate_append(request, self._limits)
-        request = with_derived_ids(request)
         topic = self.topic_of(request.category)
         partition = partition_for(request.stream_id, await self._partition_count(topic, create=True))
+        peers = self._peers
+        if peers is not None and (owner := peers.owner(f"{topic}/{partition}")) != peers.index:
+            try:
+                result: AppendResult = await peers.call(
+                    owner, "append", request, self._settings.append_timeout_ms / 1000 + 5.0
+                )
+            except PeerUnreachable as exc:
+                log.debug("appending to %s[%d] here: %s", topic, partition, exc)
+            else:
+                self._note_forwarded((request.category, request.stream_id), result.last_offset + 1)
+                return result
+        return await self._append_here(request, topic, partition)
+
+    async def append_forwarded(self, request: AppendRequest) -> AppendResult:
+        """An append another worker forwarded here, its partition's owner."""
+        validate_append(request, self._limits)
+        topic = self.topic_of(request.category)
+        partition = partition_for(request.stream_id, await self._partition_count(topic, create=True))
+        return await self._append_here(request, topic, partition)
+
+    def _note_forwarded(self, stream: StreamKey, offset: int) -> None:
+        self._forwarded[stream] = max(offset, self._forwarded.get(stream, 0))
+        self._forwarded.move_to_end(stream)
+        if len(self._forwarded) > MAX_KNOWN:
+            self._forwarded.popitem(last=False)
+
+    async def _append_here(self, request: AppendRequest, topic: str, partition: int) -> AppendResult:
+        request = with_derived_ids(request)
         writer = self._writer(topic, partition)
         stable_ids = bool(request.idempotency_key) or all(e.client_id for e in request.events)
         result, duplicate = await self._idempotency.run(
@@ -295,7 +330,9 @@ class EventStore:
     async def _wait_for_stream(self, topic: str, category: str, stream_id: str, timeout_ms: int) -> None:
         partition = partition_for(stream_id, await self._partition_count(topic))
         writer = self._writers.get((topic, partition))
-        target = writer.written_up_to((category, stream_id)) if writer is not None else None
+        written = writer.written_up_to((category, stream_id)) if writer is not None else None
+        forwarded = self._forwarded.get((category, stream_id))
+        target = max(written or 0, forwarded or 0) or None
         if target is None:  # written elsewhere, if at all: everything acknowledged on the partition
             target = await self._admin.end_offset(topic, partition, stable=False)
         if not await self._indexer.wait_for(topic, partition, target, timeout_ms / 1000):

@@ -17,7 +17,7 @@ import asyncio
 import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,6 +41,7 @@ __all__ = ["Document", "FieldFilter", "ReadModelStatus", "ReadModels", "compile_
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+TableOffsetKey = tuple[str, str, int]  # (table, topic, partition): where a table stands on a partition
 _FETCH_OVERRIDES: dict[str, Any] = {"fetch.wait.max.ms": 50}
 
 APPLIED = Counter("kpg_projection_events_applied_total", "Events folded into a read model", ["read_model"])
@@ -115,7 +116,7 @@ class Projection:
         dead_letters: DeadLetterWriter,
         kafka: KafkaSettings,
         settings: ReadModelsSettings,
-        progress: Progress[tuple[str, str, int]],
+        progress: Progress[TableOffsetKey],
     ) -> None:
         self.model = model
         self.table = table
@@ -264,7 +265,7 @@ class ReadModels:
         self._handlers = {name: compile_handlers(name, d) for name, d in definitions.read_models.items()}
         self._entries: dict[str, RegistryEntry] = {}
         self._projections: dict[str, Projection] = {}  # by table
-        self._progress: Progress[tuple[str, str, int]] = Progress()
+        self._progress: Progress[TableOffsetKey] = Progress(self._stored_offsets)
         self._supervisor: asyncio.Task[None] | None = None
         self._retired: list[tuple[float, str]] = []
         self._reconciling = asyncio.Lock()
@@ -399,19 +400,13 @@ class ReadModels:
             raise InvalidArgument.field("wait_timeout_ms", f"must be at most {self._settings.max_wait_ms}")
         timeout_s = (wait_timeout_ms or self._settings.default_wait_ms) / 1000
 
-        partitions = [(topic, p) for p in position.offsets]
         deadline = time.monotonic() + timeout_s
         while True:
             # The active table, again every second: a rebuild that finishes meanwhile swaps it.
             table = self._entry(model).active_table
             targets = {(table, topic, p): o for p, o in position.offsets.items()}
-
-            async def stored(table: str = table) -> dict[tuple[str, str, int], int]:
-                offsets = await asyncio.to_thread(self._store.offsets, table, partitions)
-                return {(table, *tp): offset for tp, offset in offsets.items()}
-
             remaining = deadline - time.monotonic()
-            if await self._progress.wait_for(targets, stored, max(0.0, min(1.0, remaining))):
+            if await self._progress.wait_for(targets, max(0.0, min(1.0, remaining))):
                 return
             if remaining <= 1.0:
                 break
@@ -419,6 +414,16 @@ class ReadModels:
             f"read model {model!r} has not reached the position within {timeout_s:g}s",
             metadata={"read_model": model, "min_position": min_position},
         )
+
+    async def _stored_offsets(self, keys: Collection[TableOffsetKey]) -> dict[TableOffsetKey, int]:
+        by_table: dict[str, list[TopicPartition]] = {}
+        for table, topic, partition in keys:
+            by_table.setdefault(table, []).append((topic, partition))
+        found: dict[TableOffsetKey, int] = {}
+        for table, partitions in by_table.items():
+            offsets = await asyncio.to_thread(self._store.offsets, table, partitions)
+            found.update({(table, *tp): offset for tp, offset in offsets.items()})
+        return found
 
     async def get(
         self, model: str, key: str, *, min_position: str = "", wait_timeout_ms: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from gateway.adapters.kafka import ConsumerRunner, FailurePolicy, Record
@@ -45,7 +45,7 @@ class StreamIndexer:
         self._kafka = kafka
         self._topics = list(topics)
         self._dead_letters = dead_letters
-        self._progress: Progress[TopicPartition] = Progress()
+        self._progress: Progress[TopicPartition] = Progress(self._stored_progress)
         self._runner: ConsumerRunner | None = None
         self._starting = asyncio.Lock()
 
@@ -89,9 +89,7 @@ class StreamIndexer:
 
     async def wait_for(self, topic: str, partition: int, offset: int, timeout_s: float) -> bool:
         """Wait until the index has applied `partition` up to (not including) `offset`."""
-        key = (topic, partition)
+        return await self._progress.wait_for({(topic, partition): offset}, timeout_s)
 
-        async def stored() -> dict[TopicPartition, int]:
-            return await asyncio.to_thread(self.index.progress, [key])
-
-        return await self._progress.wait_for({key: offset}, stored, timeout_s)
+    async def _stored_progress(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        return await asyncio.to_thread(self.index.progress, partitions)
