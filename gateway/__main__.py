@@ -237,7 +237,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        help="gateway processes sharing the ports (KPG_WORKERS; default 1; 0: one per core)",
+        help="gateway processes sharing the ports (KPG_WORKERS; default 0: one per core; 1: no supervisor)",
     )
     # Set by the supervisor (gateway/workers.py) for each worker.
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

@@ -188,10 +188,9 @@ class Settings(BaseSettings):
     sagas: SagasSettings = SagasSettings()
     dead_letters: DeadLettersSettings = DeadLettersSettings()
     definitions: Path | None = None
-    # Gateway processes sharing the gRPC and REST ports (SO_REUSEPORT); 0 means one per core. One by
-    # default for now: workers that append to the same partitions hand its writer back and forth, which
-    # halves append throughput (BENCHMARKS.md) until appends are sent to the worker holding the partition.
-    workers: int = Field(default=1, ge=0, le=256)
+    # Gateway processes sharing the gRPC and REST ports (SO_REUSEPORT); 0 (the default) means one per core,
+    # 1 one process and no supervisor. Each worker owns a share of the partitions' writers (workers.py).
+    workers: int = Field(default=0, ge=0, le=256)
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
