@@ -69,6 +69,7 @@ async def serve(
     )
     from gateway.services.health import BackendMonitor
     from gateway.services.idempotency import Idempotency, IdempotencySettings
+    from gateway.services.read_lag import ReadLag
     from gateway.transport.grpc import create_grpc_server
     from gateway.transport.rest import create_rest_app, create_rest_server
 
@@ -91,6 +92,7 @@ async def serve(
         redis=redis,
         database=database,
         idempotency=idempotency,
+        read_lag=ReadLag(max_lag=settings.events.max_read_lag),
         peers=peers,
     )
     # One entry per pattern (see gateway/patterns.py); starts run in this order, stops in reverse.

@@ -34,6 +34,7 @@ from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.dead_letters import DeadLetters
 from gateway.services.events import EventStore
 from gateway.services.idempotency import Idempotency
+from gateway.services.read_lag import ReadLag
 from gateway.services.read_models import ReadModels
 from gateway.services.request_reply import RequestReply
 from gateway.services.sagas import SAGA_CHANGES_CHANNEL, Sagas
@@ -159,6 +160,7 @@ class Context:
     redis: RedisClient
     database: Database
     idempotency: Idempotency
+    read_lag: ReadLag  # back-pressure: read sides register, the event store checks
     peers: Peers | None = None  # the sibling workers under `kpg serve --workers N`
 
 
@@ -183,8 +185,10 @@ def event_store_pattern(context: Context) -> Pattern:
         idempotency=context.idempotency,
         indexer=indexer,
         scanner=PartitionScanner(settings.kafka),
+        read_lag=context.read_lag,
         peers=context.peers,
     )
+    context.read_lag.register(indexer.read_side_progress)
     write_timeout_s = settings.events.subscriber_write_timeout_ms / 1000
 
     async def start() -> None:
@@ -220,6 +224,7 @@ def read_models_pattern(context: Context) -> Pattern:
         admin=context.admin,
         producer=context.producer,
     )
+    context.read_lag.register(read_models.read_side_progress)
 
     async def stop(timeout_s: float) -> None:
         await bounded(read_models.stop(), timeout_s, what="stopping the read models")

@@ -84,6 +84,9 @@ class EventsSettings(_Frozen):
     max_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Appends waiting for one partition's writer, in events: beyond it an append fails RATE_LIMITED at once.
     max_queued_events: int = Field(default=100_000, ge=1)
+    # Back-pressure: appends to a partition whose read side (stream index, projections) is more than this
+    # many records behind fail RATE_LIMITED until it catches up (services/read_lag.py); 0: no bound.
+    max_read_lag: int = Field(default=100_000, ge=0)
     read_default_count: int = Field(default=100, ge=1)
     read_max_count: int = Field(default=1_000, ge=1)
     # ReadStream waits (read-your-writes) until the stream index has what was written; default and bound.

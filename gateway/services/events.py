@@ -79,6 +79,7 @@ from gateway.errors import (
     WrongExpectedVersion,
 )
 from gateway.services.idempotency import Idempotency
+from gateway.services.read_lag import ReadLag
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import EventsSettings, KafkaSettings
 from gateway.tasks import bounded, raise_if_cancelling, stop_task
@@ -155,9 +156,11 @@ class EventStore:
         idempotency: Idempotency,
         indexer: StreamIndexer,
         scanner: PartitionScanner,
+        read_lag: ReadLag | None = None,
         peers: Peers | None = None,
     ) -> None:
         self._settings = settings
+        self._read_lag = read_lag or ReadLag(max_lag=settings.max_read_lag)
         self._peers = peers
         self._kafka = kafka
         self._definitions = definitions
@@ -281,6 +284,7 @@ class EventStore:
                 index=self._indexer.index,
                 scanner=self._scanner,
                 admin=self._admin,
+                read_lag=self._read_lag,
             )
             self._writers[(topic, partition)] = writer
         return writer
@@ -446,6 +450,7 @@ class EventStore:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Finish queued appends (up to `timeout_s`), then stop every writer; bounded."""
         await asyncio.gather(*(w.close(timeout_s) for w in self._writers.values()))
+        await self._read_lag.close()
         await bounded(self._scanner.close(), 5.0, what="closing the partition scanner")
 
 
@@ -511,6 +516,7 @@ class PartitionWriter:
     index: StreamIndex
     scanner: PartitionScanner
     admin: KafkaAdmin
+    read_lag: ReadLag
     _pending: deque[_Pending] = field(default_factory=deque)
     _queued_events: int = 0
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -548,6 +554,7 @@ class PartitionWriter:
                 retry_after_ms=200,
                 metadata={"topic": self.topic, "partition": str(self.partition)},
             )
+        self.read_lag.check((self.topic, self.partition), self._known_to)
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(request, future, stable_ids))
         self._queued_events += len(request.events)

@@ -415,6 +415,21 @@ class ReadModels:
             metadata={"read_model": model, "min_position": min_position},
         )
 
+    async def read_side_progress(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[str, dict[TopicPartition, int]]:
+        """Where each read model's active table stands on `partitions`, for back-pressure
+        (services/read_lag.py)."""
+        found: dict[str, dict[TopicPartition, int]] = {}
+        for model, entry in list(self._entries.items()):
+            topic = self._topic(model)
+            wanted = [tp for tp in partitions if tp[0] == topic]
+            if wanted:
+                found[f"read model {model!r}"] = await asyncio.to_thread(
+                    self._store.offsets, entry.active_table, wanted
+                )
+        return found
+
     async def _stored_offsets(self, keys: Collection[TableOffsetKey]) -> dict[TableOffsetKey, int]:
         by_table: dict[str, list[TopicPartition]] = {}
         for table, topic, partition in keys:

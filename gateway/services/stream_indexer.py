@@ -91,5 +91,11 @@ class StreamIndexer:
         """Wait until the index has applied `partition` up to (not including) `offset`."""
         return await self._progress.wait_for({(topic, partition): offset}, timeout_s)
 
+    async def read_side_progress(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[str, dict[TopicPartition, int]]:
+        """Where the index stands on `partitions`, for back-pressure (services/read_lag.py)."""
+        return {"the stream index": await self._stored_progress(partitions)}
+
     async def _stored_progress(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         return await asyncio.to_thread(self.index.progress, partitions)

@@ -242,6 +242,30 @@ def document_to_pb(document: Document) -> read_models_pb2.Document:
     return message
 
 
+def document_to_json(document: Document) -> dict[str, Any]:
+    """`message_to_json(document_to_pb(document))` without building the message: the REST Get path.
+    The same proto3 JSON: uint64 as a string, the timestamp in RFC 3339, Struct numbers as doubles."""
+    row = document.row
+    updated_at = timestamp_pb2.Timestamp()
+    updated_at.FromDatetime(row.updated_at)
+    body: dict[str, Any] = {"readModel": document.read_model, "key": row.key}
+    if row.data:  # an empty Struct is an unset message field: proto3 JSON leaves it out
+        body["data"] = _struct_json(row.data)
+    body |= {"version": str(row.version), "position": row.position, "updatedAt": updated_at.ToJsonString()}
+    return body
+
+
+def _struct_json(value: Any) -> Any:
+    """A JSON value as google.protobuf.Struct renders it: every number a double."""
+    if isinstance(value, dict):
+        return {k: _struct_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_struct_json(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def filters_from_pb(filters: Sequence[read_models_pb2.Filter]) -> list[FieldFilter]:
     out = []
     for i, f in enumerate(filters):

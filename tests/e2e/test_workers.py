@@ -115,6 +115,11 @@ class Deployment:
                 "KPG_KAFKA__BOOTSTRAP_SERVERS": self.backends.bootstrap_servers,
                 "KPG_REDIS__URL": self.backends.redis_url,
                 "PYTHONPATH": str(self.repo_root),
+                # A reply group of its own: the deployment's default one (named after the id in the shared
+                # Redis) still lists the members of gateways other tests killed, and a rebalance waits up
+                # to their session timeout for them.
+                "KPG_REQUEST_REPLY__REPLY_TOPIC": f"{self.prefix}.replies",
+                "KPG_REQUEST_REPLY__REPLY_GROUP": f"{self.prefix}.replies",
             },
             args=["--definitions", str(definitions or self.definitions)],
             workers=2,

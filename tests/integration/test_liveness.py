@@ -30,6 +30,7 @@ from gateway.domain.events import StoredEvent
 from gateway.errors import BackendUnavailable
 from gateway.services.dead_letter_writer import DeadLetterWriter
 from gateway.services.events import PartitionWriter
+from gateway.services.read_lag import ReadLag
 from gateway.settings import EventsSettings, RedisSettings
 from gateway.tasks import stop_task
 from tests.conftest import Backends
@@ -70,6 +71,7 @@ async def test_a_renewer_cancelled_inside_a_redis_call_stops_and_lets_the_lease_
         index=StreamIndex(Database("sqlite://")),
         scanner=PartitionScanner(backends.kafka()),
         admin=KafkaAdmin(backends.kafka()),
+        read_lag=ReadLag(max_lag=0),
     )
     lease = f"kpg:lease:{writer.lease_name}"
     try:

@@ -9,6 +9,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from gateway.errors import BackendUnavailable
@@ -43,6 +45,11 @@ class RedisClient:
             socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s,
             health_check_interval=10,
+            # A pooled connection the server closed (it restarted) fails on its next use before the
+            # command is sent: retry once on a new connection. Every command and script here may run
+            # twice (they are idempotent, or keyed by a caller's token).
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[redis.ConnectionError],
         )
         self.redis: redis.asyncio.Redis = redis.asyncio.Redis(connection_pool=pool)
         # Scripts are registered by file name and run with EVALSHA (falling back to EVAL once after a

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
+from fastapi.responses import JSONResponse
 
 from gateway.services.read_models import ReadModels
 from gateway.transport import convert
@@ -25,18 +26,23 @@ def read_models_router(models: ReadModels) -> APIRouter:
         return convert.message_to_json(convert.status_to_pb(await models.status(read_model)))
 
     @router.get(
-        "/v1/read-models/{read_model}/documents/{key}", name="ReadModels.Get", operation_id="ReadModels.Get"
+        "/v1/read-models/{read_model}/documents/{key}",
+        name="ReadModels.Get",
+        operation_id="ReadModels.Get",
+        response_model=None,
     )
     async def get_document(
         read_model: str,
         key: str,
         min_position: Annotated[str, Query(alias="minPosition")] = "",
         wait_timeout_ms: Annotated[int, Query(alias="waitTimeoutMs", ge=0)] = 0,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         document = await models.get(
             read_model, key, min_position=min_position, wait_timeout_ms=wait_timeout_ms
         )
-        return convert.message_to_json(convert.document_to_pb(document))
+        # The hot read path: the body is encoded once, not built as a message, then as a dict, then
+        # validated against the return type (a third of the route's time).
+        return JSONResponse(convert.document_to_json(document))
 
     @router.post(
         "/v1/read-models/{read_model}/query", name="ReadModels.Query", operation_id="ReadModels.Query"

@@ -2,7 +2,11 @@
 -- ARGV[3] reply topic, ARGV[4] owner (a token of this request, so reply_forget removes only this record).
 -- The deadline is taken from the server's clock, so every instance judges "late" alike.
 -- Returns the deadline (epoch ms), or 0 when this correlation id is already in use.
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local existing = redis.call('HMGET', KEYS[1], 'deadline', 'owner')
+if existing[1] then
+  if existing[2] == ARGV[4] then
+    return tonumber(existing[1])  -- run twice by its owner (a retry after a lost connection)
+  end
   return 0
 end
 local now = redis.call('TIME')
