@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import sys
+import time
 from datetime import UTC, datetime
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
@@ -26,6 +28,27 @@ LATENCY = Histogram(
     ["transport", "rpc"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+GC_PAUSES = Histogram(
+    "kpg_gc_pause_seconds",
+    "Garbage collections, by generation: every call of the process waits while one runs",
+    ["generation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+
+
+def measure_gc_pauses() -> None:
+    """Time every collection into GC_PAUSES (a full collection of a large heap shows as a latency tail)."""
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PAUSES.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
 
 
 def metrics_registry() -> CollectorRegistry:
