@@ -26,7 +26,19 @@ async def availability(request: IncomingRequest) -> Response:
     return Response(json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 
+async def main(bootstrap: str) -> None:
+    """Answer until stopped; print `ready` once it has its partitions (it sees requests sent after that)."""
+    ready = asyncio.Event()
+    serving = asyncio.create_task(
+        serve_requests("inventory.requests", availability, bootstrap_servers=bootstrap, ready=ready)
+    )
+    await asyncio.wait({serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.is_set():
+        print("ready", flush=True)
+    await serving
+
+
 if __name__ == "__main__":
     bootstrap = os.environ.get("KPG_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-    print(f"answering inventory.requests on {bootstrap} (Ctrl-C stops)")
-    asyncio.run(serve_requests("inventory.requests", availability, bootstrap_servers=bootstrap))
+    print(f"answering inventory.requests on {bootstrap} (Ctrl-C stops)", flush=True)
+    asyncio.run(main(bootstrap))
