@@ -82,23 +82,28 @@ loadtest: setup
 	$(KPG) dev up
 	eval "$$($(KPG) dev env)" && $(VENV)/bin/python loadtest/run_locust.py $(LOADTEST_ARGS)
 
-## gen: regenerate every client from proto/
-gen: setup
+## gen: regenerate every client from proto/ (Python, Go, TypeScript; Java generates in its Maven build)
+GENERATED := clients/python/src/kpg/v1 clients/go/kpgv1 clients/typescript/src/gen
+gen: setup $(BUF)
 	scripts/gen.sh
 
-## check-gen: fail when generated code differs from what proto/ gives
+## check-gen: fail when generated code differs from what proto/ gives (CI runs it before the tests)
 check-gen: gen
-	@git diff --exit-code --stat -- clients/python/src/kpg/v1 || { echo "generated code is stale: run make gen and commit"; exit 1; }
-	@test -z "$$(git status --porcelain --untracked-files=all -- clients/python/src/kpg/v1)" || \
-	  { git status --porcelain -- clients/python/src/kpg/v1; echo "generated code is not committed: run make gen and commit"; exit 1; }
+	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated code is stale: run make gen and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- $(GENERATED))" || \
+	  { git status --porcelain -- $(GENERATED); echo "generated code is not committed: run make gen and commit"; exit 1; }
 
-## lint: ruff, mypy (strict, outside generated code), import-linter (driver ownership), buf lint
+## lint: ruff, mypy (strict, outside generated code), import-linter (driver ownership), buf lint, and buf
+## breaking against the latest release tag (API_BASELINE): a changed field number or type fails it
+API_BASELINE ?= $(shell git describe --tags --abbrev=0 --match 'v*' 2>/dev/null)
 lint: setup $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy loadtest examples clients/python/src/kpg/responder.py clients/python/src/kpg/participant.py
+	$(VENV)/bin/mypy loadtest examples clients/python/src/kpg clients/python/examples
 	$(VENV)/bin/lint-imports
 	$(BUF) lint
+	@test -n "$(API_BASELINE)" || { echo "no release tag (v*) to check the API against: git fetch --tags"; exit 1; }
+	$(BUF) breaking --against '.git#tag=$(API_BASELINE)'
 
 clean: down
 	rm -rf $(VENV) $(TOOLS) $(STATE)

@@ -1,9 +1,109 @@
 """Python client for the Kafka Pattern Gateway.
 
-`kpg.v1` holds the stubs generated from proto/kpg/v1 (never edited); `kpg.client` is a small typed
-wrapper: one channel, one stub per service, and the contract's error details.
+`kpg.AsyncClient` (asyncio) and `kpg.Client` (blocking) are the typed client: plain dataclasses in and out
+(`kpg.models`), one exception class per contract reason (`kpg.errors`), retries that never write twice,
+deadlines, TLS and bearer tokens. `kpg.v1` holds the stubs generated from proto/kpg/v1 (never edited);
+`kpg.GatewayClient` is the low-level asyncio wrapper around them (one channel, one stub per service) and
+`kpg.error_details` reads the contract's error reason from a raw `grpc.RpcError`.
 """
 
+from kpg.aio import AsyncClient
 from kpg.client import GatewayClient, GatewayErrorDetails, error_details
+from kpg.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    InvalidArgument,
+    KpgError,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ReadModelBehind,
+    ReplyTimeout,
+    SubscriberTooSlow,
+    TopicNotAllowed,
+    Unauthenticated,
+    Unavailable,
+    WrongExpectedVersion,
+)
+from kpg.models import (
+    AppendResult,
+    DeadLetter,
+    DeadLetterFormat,
+    DeadLetterPage,
+    DeadLetterState,
+    DeadLetterTopic,
+    Document,
+    Event,
+    ExpectedState,
+    Filter,
+    FilterOp,
+    QueryResult,
+    ReadModelState,
+    ReadModelStatus,
+    RebuildProgress,
+    RecordedEvent,
+    Reply,
+    ReplyStatus,
+    ReprocessResult,
+    Saga,
+    SagaPage,
+    SagaStatus,
+    SagaStep,
+    StepStatus,
+    StreamSlice,
+)
+from kpg.streams import AsyncServerStream, ServerStream
+from kpg.sync import Client
 
-__all__ = ["GatewayClient", "GatewayErrorDetails", "error_details"]
+__all__ = [
+    "AppendResult",
+    "AsyncClient",
+    "AsyncServerStream",
+    "BackendUnavailable",
+    "Client",
+    "DeadLetter",
+    "DeadLetterFormat",
+    "DeadLetterPage",
+    "DeadLetterState",
+    "DeadLetterTopic",
+    "DeadlineExceeded",
+    "Document",
+    "Event",
+    "ExpectedState",
+    "Filter",
+    "FilterOp",
+    "GatewayClient",
+    "GatewayErrorDetails",
+    "IdempotencyKeyInFlight",
+    "IdempotencyKeyReused",
+    "InvalidArgument",
+    "KpgError",
+    "NotFound",
+    "PayloadTooLarge",
+    "QueryResult",
+    "RateLimited",
+    "ReadModelBehind",
+    "ReadModelState",
+    "ReadModelStatus",
+    "RebuildProgress",
+    "RecordedEvent",
+    "Reply",
+    "ReplyStatus",
+    "ReplyTimeout",
+    "ReprocessResult",
+    "Saga",
+    "SagaPage",
+    "SagaStatus",
+    "SagaStep",
+    "ServerStream",
+    "StepStatus",
+    "StreamSlice",
+    "SubscriberTooSlow",
+    "TopicNotAllowed",
+    "Unauthenticated",
+    "Unavailable",
+    "WrongExpectedVersion",
+    "error_details",
+]

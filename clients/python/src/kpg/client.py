@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -32,6 +34,7 @@ class GatewayClient:
         self.dead_letters = dead_letters_pb2_grpc.DeadLettersStub(self.channel)
 
     async def close(self) -> None:
+        """Close the channel."""
         await self.channel.close()
 
     async def __aenter__(self) -> GatewayClient:
@@ -56,10 +59,12 @@ class GatewayErrorDetails:
 
 def error_details(error: grpc.RpcError) -> GatewayErrorDetails:
     """Decode `google.rpc.ErrorInfo` / `BadRequest` from a failed call (sync or asyncio)."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or ""  # type: ignore[attr-defined]
+    code = error.code()
+    message = error.details() or ""
     reason, metadata, violations = "", {}, {}
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    # (key, value) pairs at run time, whatever the stubs say: a tuple (sync API) or grpc.aio.Metadata.
+    trailers: Iterable[tuple[str, str | bytes]] = cast(Any, error.trailing_metadata()) or ()
+    for key, value in trailers:
         if key != _STATUS_DETAILS_KEY:
             continue
         status = status_pb2.Status.FromString(value)
