@@ -13,3 +13,7 @@ mkdir -p "$OUT/kpg/v1"
   proto/kpg/v1/*.proto
 printf '"""Generated from proto/kpg/v1 by scripts/gen.sh (make gen). Do not edit."""\n' > "$OUT/kpg/v1/__init__.py"
 touch "$OUT/kpg/py.typed"
+# Go and TypeScript commit their generated code too (pinned plugins, run through buf); Java generates it in
+# its Maven build (the protobuf Maven plugin), so there is nothing to commit there.
+bash clients/go/generate.sh
+bash clients/typescript/generate.sh
