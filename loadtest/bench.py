@@ -50,6 +50,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -882,6 +883,7 @@ async def request_reply_section(bench: Bench) -> None:
         ):
             await bench.settle()
             row = Row(pattern, path, side, "requests", load, server)
+            legs_before = await asyncio.to_thread(leg_buckets, bench.processes.gateway.rest_url)
             await open_loop(
                 row,
                 operation,
@@ -891,8 +893,55 @@ async def request_reply_section(bench: Bench) -> None:
                 max_outstanding=20 * callers,
             )
             bench.keep(row)
+            if side == "gateway":
+                legs_after = await asyncio.to_thread(leg_buckets, bench.processes.gateway.rest_url)
+                bench.notes.append(
+                    f"request-reply legs at {load} ({LEGS_NOTE}): " + describe_legs(legs_before, legs_after)
+                )
     finally:
         await bare.close()
+
+
+LEG_METRIC = "kpg_request_reply_leg_seconds_bucket"
+LEGS_NOTE = "the gateway's kpg_request_reply_leg_seconds, quantiles interpolated within buckets"
+
+
+def leg_buckets(rest_url: str) -> dict[str, dict[float, float]]:
+    """The gateway's request-reply leg histograms (every worker's, added up): leg -> bucket bound -> count."""
+    with urllib.request.urlopen(f"{rest_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    buckets: dict[str, dict[float, float]] = {}
+    for line in text.splitlines():
+        if line.startswith(LEG_METRIC + "{"):
+            labels, _, value = line[len(LEG_METRIC) + 1 :].rpartition("} ")
+            fields = dict(part.split("=", 1) for part in labels.split(","))
+            bound = float(fields["le"].strip('"'))
+            buckets.setdefault(fields["leg"].strip('"'), {})[bound] = float(value)
+    return buckets
+
+
+def describe_legs(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> str:
+    """p50 and p99 of each leg over what happened between two scrapes."""
+    parts = []
+    for leg in ("record", "send", "service", "fetch", "deliver"):
+        counts = {b: n - before.get(leg, {}).get(b, 0.0) for b, n in sorted(after.get(leg, {}).items())}
+        total = counts.get(float("inf"), 0.0)
+        if total <= 0:
+            continue
+        quantiles = [f"{_bucket_quantile(counts, total, q) * 1000:.2f}" for q in (0.5, 0.99)]
+        parts.append(f"{leg} p50 {quantiles[0]} ms, p99 {quantiles[1]} ms")
+    return "; ".join(parts) or "none measured"
+
+
+def _bucket_quantile(cumulative: dict[float, float], total: float, q: float) -> float:
+    lower, below = 0.0, 0.0
+    for bound, count in cumulative.items():
+        if count >= q * total:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (q * total - below) / max(count - below, 1e-9)
+        lower, below = bound, count
+    return lower
 
 
 async def saga_section(bench: Bench) -> None:

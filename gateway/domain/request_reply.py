@@ -78,6 +78,10 @@ class Reply:
     partition: int = 0
     offset: int = 0
     duplicate: bool = False
+    # When the service wrote the reply record (its timestamp) and when a gateway consumed it, epoch ms:
+    # the legs of a round trip (services/request_reply.py's LEGS). 0 when not known.
+    replied_at_ms: int = 0
+    consumed_at_ms: int = 0
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -89,6 +93,8 @@ class Reply:
                 "reply_topic": self.reply_topic,
                 "partition": self.partition,
                 "offset": self.offset,
+                "replied_at_ms": self.replied_at_ms,
+                "consumed_at_ms": self.consumed_at_ms,
             }
         ).encode()
 
@@ -103,6 +109,8 @@ class Reply:
             reply_topic=body["reply_topic"],
             partition=body["partition"],
             offset=body["offset"],
+            replied_at_ms=body.get("replied_at_ms", 0),  # stored by a gateway before they were kept
+            consumed_at_ms=body.get("consumed_at_ms", 0),
         )
 
 

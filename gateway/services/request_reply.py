@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from gateway.adapters.kafka import (
     LOW_LATENCY_CONSUMER,
@@ -59,6 +59,16 @@ from gateway.tasks import bounded, raise_if_cancelling, spawn, stop_task
 
 log = logging.getLogger(__name__)
 
+LEGS = Histogram(
+    "kpg_request_reply_leg_seconds",
+    "A sync Request's round trip leg by leg, measured where the call waits: record (the pending record in "
+    "Redis), send (producing the request until Kafka acknowledged it), service (acknowledged until the "
+    "service wrote its reply record), fetch (reply record written until a gateway consumed it), deliver "
+    "(consumed until the waiting call woke: the Redis store, the publish, the notification). service, "
+    "fetch and deliver compare wall clocks of different processes (on other hosts: their skew too)",
+    ["leg"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
 REPLIES = Counter(
     "kpg_request_reply_replies_total",
     "Records consumed from the reply topic, by outcome (stored, late, unknown, duplicate, uncorrelated)",
@@ -220,9 +230,11 @@ class RequestReply:
     def _timeout_ms(self, request: Request) -> int:
         return request.timeout_ms or self._settings.default_timeout_ms
 
-    async def _send(self, request: Request) -> str:
+    async def _send(self, request: Request, legs: dict[str, float] | None = None) -> str:
         """Record the request in Redis, then produce it. If producing fails in any way (cancellation
-        included) the record is removed before the error goes on, so the correlation id is free again."""
+        included) the record is removed before the error goes on, so the correlation id is free again.
+        `legs` gets how long each took and when the request was acknowledged (`acked_at`, epoch s)."""
+        started = time.perf_counter()
         if not self._started:
             raise BackendUnavailable("request-reply is starting: its reply topic is not known yet")
         reply_topic = self._reply_topic
@@ -236,6 +248,7 @@ class RequestReply:
         )
         if deadline_ms == 0:
             raise InvalidArgument.field("correlation_id", "is already in use by another request")
+        recorded = time.perf_counter()
         try:
             await self._producer.produce(
                 request.topic,
@@ -246,6 +259,8 @@ class RequestReply:
         except BaseException:
             await self._forget(request.correlation_id, owner)
             raise
+        if legs is not None:
+            legs.update(record=recorded - started, send=time.perf_counter() - recorded, acked_at=time.time())
         return request.correlation_id
 
     async def _forget(self, correlation_id: str, owner: str) -> None:
@@ -258,15 +273,18 @@ class RequestReply:
 
     async def _request(self, request: Request) -> Reply:
         waiter = self._waiters.setdefault(request.correlation_id, _Waiter())
+        legs: dict[str, float] = {}
         try:
-            await self._send(request)
+            await self._send(request, legs)
             deadline = time.monotonic() + self._timeout_ms(request) / 1000
             # Registered before sending, so the notification cannot be missed: no first look in Redis.
-            return await self._await_reply(
+            reply = await self._await_reply(
                 request.correlation_id, deadline, timeout_is_error=True, waiter=waiter, look_first=False
             )
         finally:
             self._waiters.pop(request.correlation_id, None)
+        _observe_legs(legs, reply, woke_at=time.time())
+        return reply
 
     async def _await_reply(
         self,
@@ -329,23 +347,57 @@ class RequestReply:
                 await asyncio.sleep(1.0)
 
     async def _on_replies(self, records: Sequence[Record]) -> None:
+        """Store a batch's replies in Redis side by side, not one after another: one after another, the
+        last reply of a batch waited for every store before it (the `fetch` and `deliver` legs' tails).
+        The batch fails (and is redelivered; a stored reply then counts as a duplicate) if any store did,
+        once all of them ended."""
+        replies = []
         for record in records:
             correlation_id = correlation_of(record.headers)
             if correlation_id is None:
                 REPLIES.labels("uncorrelated").inc()
                 continue
-            reply = Reply(
-                correlation_id=correlation_id,
-                status=ReplyStatus.REPLIED,
-                payload=record.value or b"",
-                headers=reply_headers(record.headers),
-                reply_topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
+            replies.append(
+                Reply(
+                    correlation_id=correlation_id,
+                    status=ReplyStatus.REPLIED,
+                    payload=record.value or b"",
+                    headers=reply_headers(record.headers),
+                    reply_topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    replied_at_ms=record.timestamp_ms or 0,
+                    consumed_at_ms=int(time.time() * 1000),
+                )
             )
-            outcome = await self._store.store(
-                correlation_id, reply.encode(), reply_ttl_ms=self._settings.reply_ttl_ms
-            )
-            REPLIES.labels(outcome).inc()
-            if outcome == "late":
-                log.info("late reply to %s dropped", correlation_id)
+        stored = await asyncio.gather(
+            *(self._store_reply(reply) for reply in replies), return_exceptions=True
+        )
+        for outcome in stored:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _store_reply(self, reply: Reply) -> None:
+        """Wake the call waiting here for it, if any, at once; then store it (for GetReply, the caller's
+        other instances, and the notification to them), before the batch's offsets are committed."""
+        waiter = self._waiters.get(reply.correlation_id)
+        if waiter is not None and waiter.reply is None:
+            waiter.reply = reply.encode()
+            waiter.event.set()
+        outcome = await self._store.store(
+            reply.correlation_id, reply.encode(), reply_ttl_ms=self._settings.reply_ttl_ms
+        )
+        REPLIES.labels(outcome).inc()
+        if outcome == "late":
+            log.info("late reply to %s dropped", reply.correlation_id)
+
+
+def _observe_legs(legs: dict[str, float], reply: Reply, *, woke_at: float) -> None:
+    """Record a round trip's legs in LEGS (those not known, as in an older gateway's reply, are left out)."""
+    for leg in ("record", "send"):
+        LEGS.labels(leg).observe(legs[leg])
+    if reply.replied_at_ms and reply.consumed_at_ms:
+        replied, consumed = reply.replied_at_ms / 1000, reply.consumed_at_ms / 1000
+        LEGS.labels("service").observe(max(0.0, replied - legs["acked_at"]))
+        LEGS.labels("fetch").observe(max(0.0, consumed - replied))
+        LEGS.labels("deliver").observe(max(0.0, woke_at - consumed))

@@ -166,9 +166,18 @@ async def test_1000_concurrent_requests_through_two_gateways_each_get_their_own_
         assert reply.payload == f"re:n={n}".encode()  # its own reply: none crossed, none lost
         assert reply.headers["answered-by"] == "echo" and reply.reply_topic == setup.topic("replies")
     assert len({reply.correlation_id for _, reply in results}) == 1000
-    stored = [_stored(await _metrics(g), "stored") for g in (first, second)]
+    metrics = [await _metrics(g) for g in (first, second)]
+    stored = [_stored(m, "stored") for m in metrics]
     # Both instances consumed replies, and each caller still got its own: replies crossed instances via Redis.
     assert sum(stored) == 1000 and all(s > 0 for s in stored), stored
+    # Every round trip's legs were measured where its call waited, whichever instance consumed the reply.
+    for leg in ("record", "send", "service", "fetch", "deliver"):
+        assert sum(_leg_count(m, leg) for m in metrics) == 1000, leg
+
+
+def _leg_count(metrics: str, leg: str) -> float:
+    prefix = f'kpg_request_reply_leg_seconds_count{{leg="{leg}"}} '
+    return sum(float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix))
 
 
 def _both_consume_replies(setup: Setup) -> bool:
