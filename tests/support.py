@@ -25,9 +25,16 @@ class GatewayProcess:
     """`kpg serve` as a user runs it, on free ports, with its output in a log file."""
 
     def __init__(
-        self, workdir: Path, *, env: Mapping[str, str], args: list[str] | None = None, workers: int = 1
+        self,
+        workdir: Path,
+        *,
+        env: Mapping[str, str],
+        args: list[str] | None = None,
+        workers: int | None = None,
     ) -> None:
-        """`workers`: `kpg serve --workers` (1, one process, unless a test is about several)."""
+        """`workers`: `kpg serve --workers`; by default $KPG_TEST_WORKERS, else 1 (one process). Running
+        the suite with KPG_TEST_WORKERS=2 checks the earlier issues' properties across workers."""
+        workers = workers if workers is not None else int(os.environ.get("KPG_TEST_WORKERS", "1"))
         self.grpc_port, self.rest_port = free_ports(2)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
