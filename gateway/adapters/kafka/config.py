@@ -41,8 +41,14 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
 
 
 # For consumers on a reply path (request-reply, saga replies): short fetch waits, no Nagle; latency over
-# batching. Passed as `ConsumerRunner` overrides.
-LOW_LATENCY_CONSUMER: dict[str, Any] = {"fetch.wait.max.ms": 5, "socket.nagle.disable": True}
+# batching. Heartbeats every 500 ms: a member learns of a rebalance (an instance or worker joining or
+# leaving) at its next heartbeat, and replies wait until every member has rejoined, so with the default
+# 2 s interval a join stalled replies for seconds. Passed as `ConsumerRunner` overrides.
+LOW_LATENCY_CONSUMER: dict[str, Any] = {
+    "fetch.wait.max.ms": 5,
+    "socket.nagle.disable": True,
+    "heartbeat.interval.ms": 500,
+}
 
 
 def consumer_config(settings: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
