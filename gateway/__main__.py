@@ -27,7 +27,14 @@ from gateway.definitions import Definitions, DefinitionsError, load_definitions
 from gateway.observability import configure_logging, measure_gc_pauses
 from gateway.settings import Settings
 from gateway.tasks import bounded
-from gateway.workers import EXIT_BAD_CONFIG, EXIT_CANNOT_SERVE, Supervisor, die_with_parent, free_port
+from gateway.workers import (
+    EXIT_BAD_CONFIG,
+    EXIT_CANNOT_SERVE,
+    Supervisor,
+    die_with_parent,
+    free_port,
+    hold_ports,
+)
 
 log = logging.getLogger("gateway")
 
@@ -289,10 +296,19 @@ def _supervise(args: argparse.Namespace, settings: Settings, workers: int) -> in
     """Run `workers` gateway processes on the same ports (a port 0 is chosen here, once for all)."""
     grpc_port = settings.grpc.port or free_port(settings.grpc.host)
     rest_port = settings.rest.port or free_port(settings.rest.host)
+    try:
+        locks = hold_ports([("gRPC", settings.grpc.host, grpc_port), ("REST", settings.rest.host, rest_port)])
+    except OSError as exc:
+        print(f"kpg serve: {exc}", file=sys.stderr)
+        return 1
     worker_args = [*args.argv, "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)]
     log.info("supervising %d workers on gRPC port %d and REST port %d", workers, grpc_port, rest_port)
     stop_within_s = settings.shutdown_grace_s + SHUTDOWN_SLACK_S + 5.0
-    return Supervisor(worker_args, workers, stop_within_s=stop_within_s).run()
+    try:
+        return Supervisor(worker_args, workers, stop_within_s=stop_within_s).run()
+    finally:
+        for fd in locks:
+            os.close(fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

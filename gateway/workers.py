@@ -11,6 +11,9 @@ them. Invariants:
   workers appending to the same partitions would otherwise take its writer from each other.
 - **One view of the metrics.** Workers write their metrics to a folder the supervisor makes and removes
   (`PROMETHEUS_MULTIPROC_DIR`); `/metrics` of any worker adds up all of them.
+- **One deployment per port.** SO_REUSEPORT would also let a second `kpg serve --workers` of the same user
+  bind the ports, and the kernel would silently split connections between two deployments. The supervisor
+  holds a lock per port (`hold_ports`) for its life, so the second one fails as a taken port does.
 - **A dead worker is replaced** after a pause (1 s, doubling up to 30 s while it keeps dying at once);
   one that exits because its configuration is bad (2) or its ports cannot be bound (3) stops everything,
   with exit code 2 or 1, as one process would have exited.
@@ -22,6 +25,8 @@ them. Invariants:
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -33,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger("gateway.workers")
@@ -63,6 +69,33 @@ def free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def hold_ports(ports: Sequence[tuple[str, str, int]]) -> list[int]:
+    """Lock each (name, host, port) for this process's life: the locks go with the process, however it
+    ends. Raises OSError naming the first port another live supervisor holds (with its pid). A lock is per
+    port, whatever the host: workers on 0.0.0.0 and on 127.0.0.1 would share a port just as well."""
+    folder = Path(tempfile.gettempdir()) / f"kpg-ports-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    held: list[int] = []
+    for name, host, port in ports:
+        fd = os.open(folder / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            for other in held:
+                os.close(other)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise OSError(
+                f"cannot bind {name} to {host}:{port}: served by another kpg serve (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        held.append(fd)
+    return held
 
 
 @dataclass

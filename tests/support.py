@@ -34,7 +34,7 @@ class GatewayProcess:
     ) -> None:
         """`workers`: `kpg serve --workers`; by default $KPG_TEST_WORKERS, else 1 (one process). Running
         the suite with KPG_TEST_WORKERS=2 checks the earlier issues' properties across workers."""
-        workers = workers if workers is not None else int(os.environ.get("KPG_TEST_WORKERS", "1"))
+        self.workers = workers if workers is not None else int(os.environ.get("KPG_TEST_WORKERS", "1"))
         self.grpc_port, self.rest_port = free_ports(2)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ class GatewayProcess:
             "KPG_LOG_FORMAT": "json",
             **env,
         }
-        self.args = [*(args or []), "--workers", str(workers)]
+        self.args = [*(args or []), "--workers", str(self.workers)]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -145,7 +145,10 @@ async def _metrics(gateway: GatewayProcess) -> str:
 async def test_1000_concurrent_requests_through_two_gateways_each_get_their_own_reply(setup: Setup) -> None:
     first, second = await setup.gateway(), await setup.gateway()
     await setup.responder("echo", _echo)
-    await eventually(lambda: asyncio.to_thread(_both_consume_replies, setup), timeout_s=60, interval_s=0.5)
+    members = first.workers + second.workers  # each worker of each instance is a member of the reply group
+    await eventually(
+        lambda: asyncio.to_thread(_all_consume_replies, setup, members), timeout_s=60, interval_s=0.5
+    )
     async with GatewayClient(first.target) as a, GatewayClient(second.target) as b:
 
         async def call(n: int) -> tuple[int, rr.ReplyMessage]:
@@ -180,13 +183,13 @@ def _leg_count(metrics: str, leg: str) -> float:
     return sum(float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix))
 
 
-def _both_consume_replies(setup: Setup) -> bool:
-    """The shared reply group has two members, each with reply partitions (the rebalance is over)."""
+def _all_consume_replies(setup: Setup, members: int) -> bool:
+    """The shared reply group has `members` members, each with reply partitions (the rebalance is over)."""
     admin = AdminClient({"bootstrap.servers": setup.backends.bootstrap_servers})
     group = f"{setup.prefix}-replies"
     description = admin.describe_consumer_groups([group])[group].result(10)
-    members = [m for m in description.members if m.assignment.topic_partitions]
-    return len(members) == 2
+    consuming = [m for m in description.members if m.assignment.topic_partitions]
+    return len(consuming) == members
 
 
 async def test_a_late_reply_is_dropped_counted_and_leaves_nothing_in_redis(setup: Setup) -> None:

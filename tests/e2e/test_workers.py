@@ -419,3 +419,23 @@ async def test_a_taken_port_stops_the_supervisor_with_a_clear_error(deployment: 
             gateway.kill()
     assert code == 1, gateway.log()
     assert f"cannot bind gRPC to 127.0.0.1:{port}" in gateway.log()
+
+
+@pytest.mark.parametrize("taken", ["grpc", "rest"])
+async def test_a_port_another_supervisor_serves_is_a_clear_error(
+    workers: GatewayProcess, deployment: Deployment, taken: str
+) -> None:
+    # Its workers bind with SO_REUSEPORT, which would let this second deployment bind the same port too.
+    port = workers.grpc_port if taken == "grpc" else workers.rest_port
+    second = deployment.gateway()
+    second.args += [f"--{taken}-port", str(port)]
+    second.start()
+    try:
+        assert second.process is not None
+        code = await asyncio.to_thread(second.process.wait, 60)
+    finally:
+        second.kill()
+    assert code == 1, second.log()
+    name = "gRPC" if taken == "grpc" else "REST"
+    assert f"cannot bind {name} to 127.0.0.1:{port}: served by another kpg serve (pid " in second.log()
+    assert await ready_pids(workers.rest_url), "the first deployment still serves"

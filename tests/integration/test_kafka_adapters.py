@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -18,6 +18,7 @@ from gateway.adapters.kafka import (
 from gateway.devstack.processes import free_port
 from gateway.errors import BackendUnavailable, NotFound
 from tests.conftest import Backends
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +155,104 @@ async def test_watermarks(backends: Backends, unique: str) -> None:
     marks = await admin.watermarks(topic)
     assert marks[delivery.partition] == (0, 2)
     assert marks[1 - delivery.partition] == (0, 0)
+
+
+async def _until(predicate: Callable[[], object], timeout_s: float = 60) -> None:
+    async def check() -> object:
+        return predicate()
+
+    await eventually(check, timeout_s=timeout_s)
+
+
+class _StoredOffsets:
+    """Start offsets kept "with the data", as the stream index and projections keep them: unreadable (an
+    outage) until `available` is set."""
+
+    def __init__(self, start: dict[tuple[str, int], int]) -> None:
+        self.start = start
+        self.available = False
+        self.failed = 0
+
+    def __call__(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        if not self.available:
+            self.failed += 1
+            raise BackendUnavailable("the database is down")
+        return {tp: self.start.get(tp, 0) for tp in partitions}
+
+
+async def _produce_to_partitions(backends: Backends, topic: str, per_partition: dict[int, int]) -> None:
+    producer = AsyncProducer(backends.kafka())
+    try:
+        for partition, count in per_partition.items():
+            for i in range(count):
+                await producer.produce(topic, f"{partition}-{i}".encode(), partition=partition)
+    finally:
+        await producer.close()
+
+
+def _stored_runner(
+    backends: Backends, topic: str, group: str, stored: _StoredOffsets, seen: list[tuple[int, int]]
+) -> ConsumerRunner:
+    async def handle(batch: Sequence[Record]) -> None:
+        seen.extend((r.partition, r.offset) for r in batch)
+
+    async def moved(positions: dict[tuple[str, int], int]) -> None:
+        pass
+
+    return ConsumerRunner(
+        backends.kafka(),
+        group_id=group,
+        topics=[topic],
+        handler=handle,
+        start_offsets=stored,
+        on_positions=moved,
+    )
+
+
+async def test_partitions_assigned_while_their_start_offsets_are_unreadable_start_there_later(
+    backends: Backends, unique: str
+) -> None:
+    # Not from Kafka's committed offsets (there are none: the offsets live with the data), which would
+    # read each partition again from the beginning.
+    topic = f"it.stored.{unique}"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 2)])
+    await _produce_to_partitions(backends, topic, {0: 10, 1: 4})
+    stored = _StoredOffsets({(topic, 0): 7, (topic, 1): 2})
+    seen: list[tuple[int, int]] = []
+    runner = _stored_runner(backends, topic, f"it-stored-{unique}", stored, seen)
+    await runner.start()
+    try:
+        await _until(lambda: stored.failed >= 3 and len(runner.assignment) == 2)
+        assert seen == []  # nothing is read while the start offsets are unknown
+        stored.available = True
+        await _until(lambda: len(seen) >= 5)
+        await asyncio.sleep(0.5)  # nothing more arrives
+    finally:
+        await runner.stop()
+    assert sorted(seen) == [(0, 7), (0, 8), (0, 9), (1, 2), (1, 3)]
+
+
+async def test_a_rebalance_while_start_offsets_are_unreadable_hands_every_partition_over(
+    backends: Backends, unique: str
+) -> None:
+    topic = f"it.stored.{unique}"
+    group = f"it-stored-{unique}"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 4)])
+    await _produce_to_partitions(backends, topic, {p: 3 for p in range(4)})
+    stored = _StoredOffsets({(topic, p): 1 for p in range(4)})
+    seen: list[tuple[int, int]] = []
+    first = _stored_runner(backends, topic, group, stored, seen)
+    second = _stored_runner(backends, topic, group, stored, seen)
+    await first.start()
+    try:
+        await _until(lambda: len(first.assignment) == 4)
+        # The second member joins: the first gives up partitions it never assigned (their offsets unread).
+        await second.start()
+        await _until(lambda: first.assignment and second.assignment)
+        stored.available = True
+        await _until(lambda: len(seen) >= 8)
+        await asyncio.sleep(0.5)
+        assert first.assignment | second.assignment == {(topic, p) for p in range(4)}
+    finally:
+        await asyncio.gather(first.stop(), second.stop())
+    assert sorted(seen) == [(p, o) for p in range(4) for o in (1, 2)]

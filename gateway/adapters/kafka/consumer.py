@@ -7,7 +7,9 @@ never ahead of processing). Handlers must shrug off a redelivered record.
 The failure policy (`FailurePolicy`), the same for every consumer:
 - The runner never dies: whatever a handler or the driver raises, the loop goes on (cancellation aside).
 - A backend outage (`BackendUnavailable`: Kafka, Redis or the database) rewinds to the first record not
-  processed and backs off (doubling, capped); it never counts against a record and never skips one.
+  processed and backs off (doubling, capped at `max_outage_backoff_s`, short: each retry is only a probe,
+  and a consumer must resume within about a second of its backend coming back); it never counts against
+  a record and never skips one.
 - Any other handler failure is retried with backoff; when the batch keeps failing, its records are
   handled one by one, and a record that still fails after `max_attempts` is given to `dead_letter`
   (which writes `<topic>.DLT`). Only once that write is acknowledged does the runner move past it;
@@ -49,11 +51,16 @@ class FailurePolicy:
     max_attempts: int = 3
     backoff_s: float = 0.2
     max_backoff_s: float = 5.0
+    max_outage_backoff_s: float = 1.0
     dead_letter: DeadLetter | None = None
 
     def delay(self, attempt: int) -> float:
         """The pause after failed attempt number `attempt` (1-based)."""
         return float(min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempt - 1)))
+
+    def outage_delay(self, outages: int) -> float:
+        """The pause after the `outages`-th failure in a row to reach a backend (1-based)."""
+        return min(self.max_outage_backoff_s, self.delay(outages))
 
 
 class ConsumerRunner:
@@ -130,6 +137,10 @@ class ConsumerRunner:
 
     # Rebalance callbacks run on the consumer thread inside consume(); by then the previous batch is
     # processed and committed, so revoking loses nothing and hands over no uncommitted work.
+    # With start_offsets, each callback (un)assigns explicitly, even nothing: a callback that does not is
+    # done for by confluent-kafka, which assigns from Kafka's committed offsets (unused here: the partition
+    # would be read again from the beginning) or unassigns partitions never assigned (an error that stalls
+    # the rebalance).
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         if self._start_offsets is not None and partitions:
@@ -144,6 +155,7 @@ class ConsumerRunner:
             offsets = self._start_offsets(keys)
         except Exception as exc:  # on the consumer thread: an exception here would lose the assignment
             log.warning("consumer %s: start offsets unavailable (%s); assigning later", self.group_id, exc)
+            consumer.incremental_assign([])  # none of them yet (see above)
             return
         self._unstarted.clear()
         consumer.incremental_assign(
@@ -158,8 +170,7 @@ class ConsumerRunner:
         if self._start_offsets is not None and partitions:
             started = [tp for tp in partitions if (tp.topic, tp.partition) not in self._unstarted]
             self._unstarted -= revoked
-            if started:
-                consumer.incremental_unassign(started)
+            consumer.incremental_unassign(started)  # only those assigned, even none (see above)
 
     def _consume(self) -> list[Record]:
         assert self._consumer is not None
@@ -230,7 +241,7 @@ class ConsumerRunner:
                     log.error("consumer %s: %s; retrying", self.group_id, exc)
                 else:
                     log.exception("consumer %s: unexpected failure; retrying", self.group_id)
-                await asyncio.sleep(self._policy.delay(outages))
+                await asyncio.sleep(self._policy.outage_delay(outages))
 
     async def _handle(self, records: Sequence[Record]) -> None:
         """Process a batch under the failure policy (module doc). Raises BackendUnavailable after
