@@ -32,9 +32,10 @@ class GatewayProcess:
         args: list[str] | None = None,
         workers: int | None = None,
     ) -> None:
-        """`workers`: `kpg serve --workers`; by default $KPG_TEST_WORKERS, else 1 (one process). Running
-        the suite with KPG_TEST_WORKERS=2 checks the earlier issues' properties across workers."""
-        self.workers = workers if workers is not None else int(os.environ.get("KPG_TEST_WORKERS", "1"))
+        """`workers`: `kpg serve --workers`; by default $KPG_TEST_WORKERS, else 2: every property is
+        checked across workers, as `kpg serve` runs by default (one worker per core). KPG_TEST_WORKERS=1
+        runs the suite against single processes."""
+        self.workers = workers if workers is not None else int(os.environ.get("KPG_TEST_WORKERS", "2"))
         self.grpc_port, self.rest_port = free_ports(2)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,8 @@ def test_bad_definitions_file_stops_start_up_naming_the_key(tmp_path: Path) -> N
     assert "unknown category 'shipments'" in result.stderr
 
 
-async def test_sigterm_drains_then_stops(backends: Backends, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # one process, and a supervisor passing SIGTERM on
+async def test_sigterm_drains_then_stops(backends: Backends, tmp_path: Path, workers: int) -> None:
     process = GatewayProcess(
         tmp_path,
         env={
@@ -213,6 +214,7 @@ async def test_sigterm_drains_then_stops(backends: Backends, tmp_path: Path) -> 
             "KPG_REDIS__URL": backends.redis_url,
             "KPG_SHUTDOWN_GRACE_S": "2",
         },
+        workers=workers,
     ).start()
     try:
         await wait_for_health(process.target, SERVING, process=process)
