@@ -50,8 +50,9 @@ class ReadLag:
         self._sources.append(source)
 
     def check(self, tp: TopicPartition, end: int | None) -> None:
-        """RATE_LIMITED if a read side of `tp` that counts is more than `max_lag` records behind `end`
-        (the partition's end as its writer knows it). No I/O: see the module doc."""
+        """Record `end` (the partition's end as its writer knows it now) for the next refresh, and raise
+        RATE_LIMITED if a read side of `tp` that counts was more than `max_lag` records behind at the last
+        refresh (lags are taken there, see the module doc). No I/O."""
         if not self.max_lag or end is None:
             return
         self._ends[tp] = end
