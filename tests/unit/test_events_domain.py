@@ -212,7 +212,8 @@ def test_a_content_type_of_200_printable_characters_passes() -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"NaN", b'{"a": Infinity}', b"[-Infinity]", b"[" * 100_000 + b"]" * 100_000, b"\xff"]
+    "data",
+    [b"NaN", b'{"a": Infinity}', b"[-Infinity]", b"[" * 1025 + b"]" * 1025, b"[" * 100_000, b"\xff"],
 )
 def test_json_data_must_be_standard_json(data: bytes) -> None:
     with pytest.raises(InvalidArgument) as raised:
@@ -225,3 +226,19 @@ def test_a_stream_id_with_a_trailing_newline_is_refused_in_an_append() -> None:
     with pytest.raises(InvalidArgument) as raised:
         validate_append(request, Limits())
     assert list(_violations(raised.value)) == ["stream_id"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"123456789012345678901234567890",  # beyond 64 bits: orjson reads a float, json an int
+        b"[1e400]",  # beyond a double: orjson refuses, json reads infinity
+        b'"\\ud800"',  # a lone surrogate escape: orjson refuses, json accepts
+        b"[" * 1024 + b"]" * 1024,  # orjson's bound on nesting (json's was the call stack's, ~990)
+        b'{"a": 1, "a": 2}',
+        '{"é": "ü"}'.encode(),
+    ],
+)
+def test_json_data_is_accepted_exactly_when_json_accepts_it(data: bytes) -> None:
+    # The check runs orjson first for speed; json decides what orjson refuses.
+    validate_append(_append(_event(data)), Limits())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Table, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,6 +34,17 @@ def create_tables(engine: Engine, tables: Sequence[Table]) -> None:
         SQLModel.metadata.create_all(engine, tables=list(tables))
 
 
+def json_text(value: Any) -> str:
+    """JSON columns' serializer (read-model documents, saga state). The values stored are plain JSON
+    values (projections' results are checked as JSON first), which orjson encodes in a tenth of json's
+    time, to text that parses back to the same value; json takes what orjson refuses (integers beyond
+    64 bits, keys that are not strings), as before."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = normalize_url(url)
@@ -41,7 +54,7 @@ class Database:
         sqlite = parsed.get_backend_name() == "sqlite"
         # A server's connections can drop while pooled, so they are pinged at checkout; SQLite's cannot,
         # and the ping was 8% of a read-model Get.
-        self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite, json_serializer=json_text)
         if sqlite:
             # WAL lets readers run while the indexer writes; busy_timeout waits for a lock instead of failing.
             @event.listens_for(self.engine, "connect")
