@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,12 @@ async def serve(
         grpc_port,
         settings.rest.host,
         rest_port,
-        extra={"grpc_port": grpc_port, "rest_port": rest_port, "worker": worker},
+        extra={
+            "grpc_port": grpc_port,
+            "rest_port": rest_port,
+            "worker": worker,
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        },
     )
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -258,6 +263,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers-dir", type=Path, help=argparse.SUPPRESS)
 
 
+def run_on_loop(main: Coroutine[Any, Any, None], kind: str) -> None:
+    """Run `main` to completion on a new event loop of `kind` ("uvloop" falls back to asyncio's own loop,
+    with a warning, where uvloop is not installed)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: running on asyncio's own event loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings_from_args(args)
@@ -281,7 +300,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.worker_index is not None and args.peers_dir is not None and args.worker_count:
         siblings = Siblings(args.worker_count, args.peers_dir)
     try:
-        asyncio.run(serve(settings, definitions, worker=args.worker_index, siblings=siblings))
+        run_on_loop(
+            serve(settings, definitions, worker=args.worker_index, siblings=siblings), settings.event_loop
+        )
     except DefinitionsError as exc:  # a Python handler that cannot be imported
         log.error("invalid definitions: %s", exc)
         print(f"kpg serve: invalid definitions: {exc}", file=sys.stderr)

@@ -229,6 +229,7 @@ async def test_sigterm_drains_then_stops(backends: Backends, tmp_path: Path, wor
         assert statuses == [SERVING, NOT_SERVING]
         assert process.process.wait(30) == 0
         assert '"message": "stopped"' in process.log()
+        assert '"event_loop": "uvloop"' in process.log()  # the default
     finally:
         process.kill()
 

@@ -409,16 +409,9 @@ async def test_a_taken_port_stops_the_supervisor_with_a_clear_error(deployment: 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        gateway = deployment.gateway()
-        gateway.args += ["--grpc-port", str(port)]
-        gateway.start()
-        try:
-            assert gateway.process is not None
-            code = await asyncio.to_thread(gateway.process.wait, 60)
-        finally:
-            gateway.kill()
-    assert code == 1, gateway.log()
-    assert f"cannot bind gRPC to 127.0.0.1:{port}" in gateway.log()
+        code, log = await _exit_of(deployment, ["--grpc-port", str(port)])
+    assert code == 1, log
+    assert f"cannot bind gRPC to 127.0.0.1:{port}" in log
 
 
 @pytest.mark.parametrize("taken", ["grpc", "rest"])
@@ -427,15 +420,20 @@ async def test_a_port_another_supervisor_serves_is_a_clear_error(
 ) -> None:
     # Its workers bind with SO_REUSEPORT, which would let this second deployment bind the same port too.
     port = workers.grpc_port if taken == "grpc" else workers.rest_port
-    second = deployment.gateway()
-    second.args += [f"--{taken}-port", str(port)]
-    second.start()
-    try:
-        assert second.process is not None
-        code = await asyncio.to_thread(second.process.wait, 60)
-    finally:
-        second.kill()
-    assert code == 1, second.log()
+    code, log = await _exit_of(deployment, [f"--{taken}-port", str(port)])
+    assert code == 1, log
     name = "gRPC" if taken == "grpc" else "REST"
-    assert f"cannot bind {name} to 127.0.0.1:{port}: served by another kpg serve (pid " in second.log()
+    assert f"cannot bind {name} to 127.0.0.1:{port}: served by another kpg serve (pid " in log
     assert await ready_pids(workers.rest_url), "the first deployment still serves"
+
+
+async def _exit_of(deployment: Deployment, args: list[str]) -> tuple[int, str]:
+    """Start a deployment's gateway with `args` added, expecting it to exit: its exit code and log."""
+    gateway = deployment.gateway()
+    gateway.args += args
+    gateway.start()
+    try:
+        assert gateway.process is not None
+        return await asyncio.to_thread(gateway.process.wait, 60), gateway.log()
+    finally:
+        gateway.kill()
