@@ -83,7 +83,7 @@ loadtest: setup
 	eval "$$($(KPG) dev env)" && $(VENV)/bin/python loadtest/run_locust.py $(LOADTEST_ARGS)
 
 ## gen: regenerate every client from proto/ (Python, Go, TypeScript; Java generates in its Maven build)
-GENERATED := clients/python/src/kpg/v1 clients/go/kpgv1 clients/typescript/src/gen
+GENERATED := clients/python/src/kpg/v1 clients/python/src/kpg/sync.py clients/go/kpgv1 clients/typescript/src/gen
 gen: setup $(BUF)
 	scripts/gen.sh
 
@@ -100,7 +100,7 @@ API_BASELINE ?= api/kpg-v0.1.0.binpb
 lint: setup $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy loadtest examples clients/python/src/kpg clients/python/examples
+	$(VENV)/bin/mypy loadtest examples scripts clients/python/src/kpg clients/python/examples
 	$(VENV)/bin/lint-imports
 	$(BUF) lint
 	$(BUF) breaking --against $(API_BASELINE)

@@ -13,6 +13,8 @@ mkdir -p "$OUT/kpg/v1"
   proto/kpg/v1/*.proto
 printf '"""Generated from proto/kpg/v1 by scripts/gen.sh (make gen). Do not edit."""\n' > "$OUT/kpg/v1/__init__.py"
 touch "$OUT/kpg/py.typed"
+# The blocking client is the asyncio one, unasynced.
+"$PY" scripts/unasync_client.py
 # Go and TypeScript commit their generated code too (pinned plugins, run through buf); Java generates it in
 # its Maven build (the protobuf Maven plugin), so there is nothing to commit there.
 bash clients/go/generate.sh

@@ -1,6 +1,7 @@
+# Generated from aio.py by scripts/unasync_client.py (make gen). Do not edit: edit aio.py.
 """`Client`: the typed blocking client, the same calls as `kpg.AsyncClient` on grpc's sync API. Every
-method takes and returns plain Python values (`kpg.models`), raises `kpg.KpgError` subclasses, retries what
-is safe to retry and keeps to a deadline."""
+method takes and returns plain Python values (`kpg.models`), raises `kpg.KpgError` subclasses, retries
+what is safe to retry and keeps to a deadline."""
 
 from __future__ import annotations
 
