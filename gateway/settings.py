@@ -194,8 +194,8 @@ class Settings(BaseSettings):
     # Gateway processes sharing the gRPC and REST ports (SO_REUSEPORT); 0 (the default) means one per core,
     # 1 one process and no supervisor. Each worker owns a share of the partitions' writers (workers.py).
     workers: int = Field(default=0, ge=0, le=256)
-    # uvloop: ~8% less CPU per request-reply call and half its p99 in paired runs (BENCHMARKS.md); asyncio:
-    # the standard library's loop (also used where uvloop is not installed).
+    # uvloop: the lower request-reply p99 in each of five paired runs (BENCHMARKS.md);
+    # asyncio: the standard library's loop (also used where uvloop is not installed).
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     state_dir: Path = Path(".state")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

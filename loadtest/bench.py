@@ -52,7 +52,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -883,7 +883,7 @@ async def request_reply_section(bench: Bench) -> None:
         ):
             await bench.settle()
             row = Row(pattern, path, side, "requests", load, server)
-            legs_before = await asyncio.to_thread(leg_buckets, bench.processes.gateway.rest_url)
+            before = await asyncio.to_thread(scrape, bench.processes.gateway.rest_url)
             await open_loop(
                 row,
                 operation,
@@ -894,42 +894,53 @@ async def request_reply_section(bench: Bench) -> None:
             )
             bench.keep(row)
             if side == "gateway":
-                legs_after = await asyncio.to_thread(leg_buckets, bench.processes.gateway.rest_url)
+                after = await asyncio.to_thread(scrape, bench.processes.gateway.rest_url)
                 bench.notes.append(
-                    f"request-reply legs at {load} ({LEGS_NOTE}): " + describe_legs(legs_before, legs_after)
+                    f"request-reply legs at {load} ({LEGS_NOTE}): "
+                    + describe(before[LEG_METRIC], after[LEG_METRIC], LEGS, "leg")
+                )
+                bench.notes.append(
+                    f"garbage collections in the gateway at {load} (kpg_gc_pause_seconds, every worker): "
+                    + describe(before[GC_METRIC], after[GC_METRIC], ("0", "1", "2"), "generation")
                 )
     finally:
         await bare.close()
 
 
-LEG_METRIC = "kpg_request_reply_leg_seconds_bucket"
+LEG_METRIC = "kpg_request_reply_leg_seconds"
+LEGS = ("record", "send", "service", "fetch", "deliver")
 LEGS_NOTE = "the gateway's kpg_request_reply_leg_seconds, quantiles interpolated within buckets"
+GC_METRIC = "kpg_gc_pause_seconds"
+# A histogram as scraped: its one label's value -> bucket bound (inf: the count) -> cumulative count.
+Histogram = dict[str, dict[float, float]]
 
 
-def leg_buckets(rest_url: str) -> dict[str, dict[float, float]]:
-    """The gateway's request-reply leg histograms (every worker's, added up): leg -> bucket bound -> count."""
+def scrape(rest_url: str) -> dict[str, Histogram]:
+    """The gateway's request-reply leg and garbage-collection histograms (every worker's, added up)."""
     with urllib.request.urlopen(f"{rest_url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    buckets: dict[str, dict[float, float]] = {}
+    found: dict[str, Histogram] = {LEG_METRIC: {}, GC_METRIC: {}}
     for line in text.splitlines():
-        if line.startswith(LEG_METRIC + "{"):
-            labels, _, value = line[len(LEG_METRIC) + 1 :].rpartition("} ")
+        name, _, rest = line.partition("_bucket{")
+        if name in found and rest:
+            labels, _, value = rest.rpartition("} ")
             fields = dict(part.split("=", 1) for part in labels.split(","))
-            bound = float(fields["le"].strip('"'))
-            buckets.setdefault(fields["leg"].strip('"'), {})[bound] = float(value)
-    return buckets
+            bound = float(fields.pop("le").strip('"'))
+            (label,) = fields.values()
+            found[name].setdefault(label.strip('"'), {})[bound] = float(value)
+    return found
 
 
-def describe_legs(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> str:
-    """p50 and p99 of each leg over what happened between two scrapes."""
+def describe(before: Histogram, after: Histogram, labels: Sequence[str], what: str) -> str:
+    """How many, and the p50 and p99, of each label's observations between two scrapes."""
     parts = []
-    for leg in ("record", "send", "service", "fetch", "deliver"):
-        counts = {b: n - before.get(leg, {}).get(b, 0.0) for b, n in sorted(after.get(leg, {}).items())}
+    for label in labels:
+        counts = {b: n - before.get(label, {}).get(b, 0.0) for b, n in sorted(after.get(label, {}).items())}
         total = counts.get(float("inf"), 0.0)
         if total <= 0:
             continue
         quantiles = [f"{_bucket_quantile(counts, total, q) * 1000:.2f}" for q in (0.5, 0.99)]
-        parts.append(f"{leg} p50 {quantiles[0]} ms, p99 {quantiles[1]} ms")
+        parts.append(f"{what} {label}: {total:,.0f}, p50 {quantiles[0]} ms, p99 {quantiles[1]} ms")
     return "; ".join(parts) or "none measured"
 
 
