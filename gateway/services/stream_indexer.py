@@ -25,7 +25,7 @@ from gateway.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
-_FETCH_OVERRIDES: dict[str, Any] = {"fetch.wait.max.ms": 50, "topic.metadata.refresh.interval.ms": 5000}
+_FETCH_OVERRIDES: dict[str, Any] = {"fetch.wait.max.ms": 50}
 
 
 class StreamIndexer:

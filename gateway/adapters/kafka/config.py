@@ -63,6 +63,10 @@ def consumer_config(settings: KafkaSettings, group_id: str, **overrides: Any) ->
         # A crashed instance's partitions move to the others after this (Kafka's default is 45 s).
         "session.timeout.ms": settings.consumer_session_timeout_ms,
         "heartbeat.interval.ms": max(500, settings.consumer_session_timeout_ms // 5),
+        # A topic created just before the subscription (a reply topic another worker or instance created a
+        # moment ago) can be missing from the group leader's metadata; it is assigned at the next refresh,
+        # 5 minutes later by default, and until then nothing of it is consumed (sagas stalled that long).
+        "topic.metadata.refresh.interval.ms": 5000,
         **overrides,
         **settings.extra,
     }
