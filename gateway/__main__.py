@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.definitions import Definitions, DefinitionsError, load_definitions
-from gateway.observability import configure_logging, measure_gc_pauses
+from gateway.observability import configure_logging, measure_gc_pauses, report_loop_stalls
 from gateway.settings import Settings
-from gateway.tasks import bounded
+from gateway.tasks import bounded, stop_task
 from gateway.workers import (
     EXIT_BAD_CONFIG,
     EXIT_CANNOT_SERVE,
@@ -168,6 +168,7 @@ async def serve(
             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         },
     )
+    stall_reporter = asyncio.create_task(report_loop_stalls(), name="loop-stall-reporter")
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
 
@@ -195,6 +196,7 @@ async def serve(
     await bounded(producer.close(left()), left() + 1.0, what="flushing the producer")
     await bounded(redis.close(), 2.0, what="closing Redis")
     database.close()
+    await stop_task(stall_reporter, 1.0)
     log.info("stopped")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import gc
 import json
 import logging
@@ -49,6 +51,34 @@ def measure_gc_pauses() -> None:
             GC_PAUSES.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
 
     gc.callbacks.append(callback)
+
+
+# A blocked event loop (a blocking call on it, a deadlock on the GIL) stops every call of the process and
+# logs nothing. Past this, every thread's stack is written to stderr, the gateway's log, by faulthandler's
+# own thread, which needs neither the loop nor the GIL; once the loop runs again, how long it was blocked
+# is logged too.
+LOOP_STALL_REPORT_S = 10.0
+LOOP_LATE_WARNING_S = 2.0
+
+log = logging.getLogger(__name__)
+
+
+async def report_loop_stalls(stall_s: float = LOOP_STALL_REPORT_S) -> None:
+    """Run for the life of the process (cancel to stop): arms faulthandler to dump every thread's stack if
+    this loop does not come back within `stall_s`, and re-arms it each time it does."""
+    loop = asyncio.get_running_loop()
+    tick = stall_s / 4
+    try:
+        while True:
+            faulthandler.dump_traceback_later(stall_s, file=sys.stderr)
+            before = loop.time()
+            await asyncio.sleep(tick)
+            late = loop.time() - before - tick
+            if late >= LOOP_LATE_WARNING_S:
+                stacks = " (every thread's stack was written to stderr then)" if late >= stall_s else ""
+                log.warning("the event loop was blocked for %.1fs%s", late, stacks)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def metrics_registry() -> CollectorRegistry:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import Awaitable, Coroutine
+from types import FrameType
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -85,3 +87,22 @@ async def bounded(coro: Awaitable[T], timeout_s: float, *, what: str) -> T | Non
         log.error("%s failed; going on", what, exc_info=error)
         return None
     return task.result()
+
+
+def awaiting_stack(task: asyncio.Task[Any]) -> str:
+    """Where a suspended task waits: each coroutine (or async generator) of its await chain at its current
+    line, outermost first (Task.get_stack shows only the outermost)."""
+    frames: list[tuple[FrameType, int]] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        frame = frame or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        awaited = (
+            getattr(awaited, "cr_await", None)
+            or getattr(awaited, "ag_await", None)
+            or getattr(awaited, "gi_yieldfrom", None)
+        )
+    return "".join(traceback.format_list(traceback.StackSummary.extract(frames)))

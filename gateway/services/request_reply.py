@@ -380,12 +380,13 @@ class RequestReply:
     async def _store_reply(self, reply: Reply) -> None:
         """Wake the call waiting here for it, if any, at once; then store it (for GetReply, the caller's
         other instances, and the notification to them), before the batch's offsets are committed."""
+        encoded = reply.encode()
         waiter = self._waiters.get(reply.correlation_id)
         if waiter is not None and waiter.reply is None:
-            waiter.reply = reply.encode()
+            waiter.reply = encoded
             waiter.event.set()
         outcome = await self._store.store(
-            reply.correlation_id, reply.encode(), reply_ttl_ms=self._settings.reply_ttl_ms
+            reply.correlation_id, encoded, reply_ttl_ms=self._settings.reply_ttl_ms
         )
         REPLIES.labels(outcome).inc()
         if outcome == "late":

@@ -390,9 +390,13 @@ def _whole_numbers(value: Any) -> Any:
 
 
 def start_saga_from_pb(message: sagas_pb2.StartSagaRequest) -> StartRequest:
+    try:
+        saga_input = struct_to_dict(message.input)
+    except ValueError:  # a Struct number can be NaN or Infinity over gRPC; JSON has neither
+        raise InvalidArgument.field("input", "NaN and Infinity are not JSON numbers") from None
     return StartRequest(
         saga_type=message.saga_type,
-        input=struct_to_dict(message.input),
+        input=saga_input,
         saga_id=message.saga_id,
         idempotency_key=message.idempotency_key,
         correlation_id=message.correlation_id,

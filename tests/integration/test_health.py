@@ -1,4 +1,7 @@
-"""Readiness follows the backends: NOT_SERVING until Kafka and Redis answer, and again when Redis stops."""
+"""Readiness follows the backends: NOT_SERVING until Kafka and Redis answer, and again when Redis stops.
+
+Each worker probes the backends itself, so the gRPC health (one connection: one worker) and /readyz (any
+worker) agree within a probe interval, not at every instant: /readyz is polled until it follows."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 from gateway.devstack.processes import free_port
 from gateway.devstack.redis import RedisNode, find_redis_server
 from tests.conftest import Backends
-from tests.support import NOT_SERVING, SERVING, GatewayProcess, wait_for_health
+from tests.support import NOT_SERVING, SERVING, GatewayProcess, eventually, wait_for_health
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +37,22 @@ async def test_health_follows_redis(backends: Backends, tmp_path: Path) -> None:
             redis.start(find_redis_server())
             await wait_for_health(gateway.target, SERVING, process=gateway)
             await wait_for_health(gateway.target, SERVING, service="kpg.v1.EventStore", process=gateway)
-            assert (await http.get("/readyz")).status_code == 200
+            await eventually(lambda: _ready_is(http, 200), timeout_s=15)
 
             redis.process.stop()
             await wait_for_health(gateway.target, NOT_SERVING, process=gateway)
             await wait_for_health(gateway.target, NOT_SERVING, service="kpg.v1.Sagas", process=gateway)
-            assert (await http.get("/readyz")).status_code == 503
+            await eventually(lambda: _ready_is(http, 503), timeout_s=15)
         assert gateway.process is not None and gateway.process.poll() is None, "the gateway must not crash"
     finally:
         gateway.kill()
         redis.process.stop()
+
+
+async def _ready_is(http: httpx.AsyncClient, status: int) -> bool:
+    """Whether every one of a few fresh connections (spread over the workers) gets `status` from /readyz."""
+    for _ in range(4):
+        async with httpx.AsyncClient(base_url=str(http.base_url)) as fresh:
+            if (await fresh.get("/readyz")).status_code != status:
+                return False
+    return True

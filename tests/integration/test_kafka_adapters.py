@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -114,6 +115,49 @@ async def test_committed_offsets_are_not_redelivered_and_failures_are_retried(
         await producer.close()
     records = await _collect(backends, topic, group, 1)
     assert [r.value for r in records] == [b"second"]
+
+
+async def test_a_handler_that_does_not_return_is_reported_with_where_it_waits(
+    backends: Backends, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = f"it.stuck.{unique}"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 1)])
+    producer = AsyncProducer(backends.kafka())
+    try:
+        await producer.produce(topic, b"held", key=b"k")
+    finally:
+        await producer.close()
+    release = asyncio.Event()
+    handled = asyncio.Event()
+
+    async def waits_for_something_that_never_comes(batch: Sequence[Record]) -> None:
+        await release.wait()
+        handled.set()
+
+    runner = ConsumerRunner(
+        backends.kafka(),
+        group_id=f"it-stuck-{unique}",
+        topics=[topic],
+        handler=waits_for_something_that_never_comes,
+        step_report_s=0.6,
+    )
+    caplog.set_level(logging.ERROR, logger="gateway.adapters.kafka.consumer")
+    await runner.start()
+    try:
+        await eventually(lambda: _async(any("handling 1 record(s)" in r.message for r in caplog.records)))
+        [report] = [r.message for r in caplog.records if "handling 1 record(s)" in r.message]
+        assert f"consumer it-stuck-{unique}: handling 1 record(s) for " in report
+        assert "in waits_for_something_that_never_comes" in report and "await release.wait()" in report
+        await asyncio.sleep(1.0)  # reported once per step, not again and again
+        assert sum("handling 1 record(s)" in r.message for r in caplog.records) == 1
+        release.set()
+        await asyncio.wait_for(handled.wait(), 10)
+    finally:
+        await runner.stop()
+
+
+async def _async(value: bool) -> bool:
+    return value
 
 
 async def test_missing_topic_is_not_found(backends: Backends, unique: str) -> None:

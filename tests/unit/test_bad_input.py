@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Body
 from kpg.v1 import event_store_pb2 as es
+from kpg.v1 import sagas_pb2 as sg
 from starlette.types import Message
 
 from gateway.definitions import DefinitionsError, parse_definitions
@@ -270,3 +271,15 @@ async def test_a_declared_length_over_the_limit_is_refused_without_reading_the_b
 async def test_the_default_limit_is_16_mib() -> None:
     status, body = await _call(_app(), [(b"content-length", str(16 * 1024 * 1024 + 1).encode())])
     assert (status, body["error"]["metadata"]["limit"]) == (413, str(16 * 1024 * 1024))
+
+
+# --- Saga input --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_saga_input_with_a_number_json_cannot_hold_is_invalid(number: float) -> None:
+    message = sg.StartSagaRequest(saga_type="place_order")
+    message.input.update({"order": {"total": number}})
+    with pytest.raises(InvalidArgument) as raised:
+        convert.start_saga_from_pb(message)
+    assert _fields(raised.value) == ["input"]

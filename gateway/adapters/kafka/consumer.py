@@ -15,6 +15,9 @@ The failure policy (`FailurePolicy`), the same for every consumer:
   (which writes `<topic>.DLT`). Only once that write is acknowledged does the runner move past it;
   without a `dead_letter` the record is retried until it succeeds.
 - A partition whose start offset cannot be read (the database is down) is assigned later, not dropped.
+- A step that takes longer than `STEP_REPORT_S` (a fetch, a batch's handling, a commit) is logged with
+  where it waits, never silently: at a rebalance the whole group waits for a member that does not come
+  back to fetch, up to max.poll.interval.ms (5 minutes), and no partition of the group is consumed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from gateway.adapters.kafka.records import Record
 from gateway.adapters.kafka.threads import consume_ready, on_client_thread
 from gateway.errors import BackendUnavailable
 from gateway.settings import KafkaSettings
-from gateway.tasks import bounded, raise_if_cancelling, stop_task
+from gateway.tasks import awaiting_stack, bounded, raise_if_cancelling, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ StartOffsets = Callable[[list[TopicPartitionKey]], dict[TopicPartitionKey, int]]
 PositionsHandler = Callable[[dict[TopicPartitionKey, int]], Awaitable[None]]
 # Writes one record that keeps failing to its dead-letter topic: (record, error, attempts, group id).
 DeadLetter = Callable[[Record, BaseException, int, str], Awaitable[None]]
+
+STEP_REPORT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,7 @@ class ConsumerRunner:
         synchronous_commit: bool = True,
         start_offsets: StartOffsets | None = None,
         on_positions: PositionsHandler | None = None,
+        step_report_s: float = STEP_REPORT_S,
         **overrides: Any,
     ) -> None:
         self.group_id = group_id
@@ -104,6 +110,10 @@ class ConsumerRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._step = ""  # what the loop is doing (see _watch), since _step_since (loop time)
+        self._step_since = 0.0
+        self._step_report_s = step_report_s
         self._stopping = False
         self.assignment: set[tuple[str, int]] = set()
 
@@ -115,6 +125,8 @@ class ConsumerRunner:
             await self._call(self._open)
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group_id}")
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name=f"consumer-watch:{self.group_id}")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Finish the batch in hand (up to `timeout_s`, then cancel it), leave the group and close."""
@@ -123,6 +135,7 @@ class ConsumerRunner:
         if task is not None:
             await asyncio.wait({task}, timeout=timeout_s)
             await stop_task(task, 2.0)
+        await stop_task(self._watcher, 1.0)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await bounded(self._call(consumer.close), 5.0, what=f"closing consumer {self.group_id}")
@@ -222,14 +235,40 @@ class ConsumerRunner:
             if (topic, partition) in self.assignment:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
 
+    def _doing(self, step: str) -> None:
+        self._step, self._step_since = step, asyncio.get_running_loop().time()
+
+    async def _watch(self) -> None:
+        """Log a step of `_run` that takes longer than `step_report_s`, with where it waits, once per step."""
+        loop = asyncio.get_running_loop()
+        report_s = self._step_report_s
+        reported = 0.0
+        while True:
+            await asyncio.sleep(report_s / 6)
+            task, since = self._task, self._step_since
+            if task is None or task.done() or since == reported or loop.time() - since < report_s:
+                continue
+            reported = since
+            log.error(
+                "consumer %s: %s for %.0fs; none of the group's partitions is consumed at a rebalance until "
+                "it ends. Waiting in:\n%s",
+                self.group_id,
+                self._step,
+                loop.time() - since,
+                awaiting_stack(task),
+            )
+
     async def _run(self) -> None:
         outages = 0
         while not self._stopping:
             try:
+                self._doing("fetching")
                 records = await self._call(self._consume)
                 if records:
+                    self._doing(f"handling {len(records)} record(s)")
                     await self._handle(records)
                 if self._on_positions is not None:
+                    self._doing("moving positions")
                     changed = await self._call(self._changed_positions)
                     if changed:
                         await self._on_positions(changed)
