@@ -34,7 +34,10 @@ def add_dev_commands(commands: Any) -> None:
     up.add_argument("--kafka-port", type=int, default=DEFAULT_KAFKA_PORT)
     up.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT)
     up.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT)
-    actions.add_parser("down", help="stop what `up` started")
+    down = actions.add_parser("down", help="stop what `up` started")
+    down.add_argument(
+        "--wipe", action="store_true", help="and delete its data (topics, keys, databases): start afresh"
+    )
     actions.add_parser("status", help="show the stack's processes")
     actions.add_parser("env", help="print export lines for the gateway's settings (use with eval)")
     dev.set_defaults(func=run_dev)
@@ -54,8 +57,10 @@ def run_dev(args: argparse.Namespace) -> int:
                 )
             console.print(f"[green]dev stack up[/]: Kafka {info.bootstrap_servers}, Redis {info.redis_url}")
         elif args.action == "down":
-            stopped = stack.down()
+            stopped = stack.down(wipe=args.wipe)
             console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+            if args.wipe:
+                console.print(f"wiped the data in {stack.state_dir}")
         elif args.action == "status":
             for name, state in stack.status().items():
                 running = "[green]running[/]" if state["pid"] else "[red]stopped[/]"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ __all__ = ["DevStack", "StackError", "StackInfo"]
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
 DEFAULT_REDIS_PORT = 6379
+# What `down --wipe` deletes from the state folder: each server's data (and the logs that describe it).
+WIPED = ("kafka", "redis", "postgres", "logs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,26 +139,36 @@ class DevStack:
             timeout_s=self.start_timeout_s,
             process=redis.process,
         )
-        wait_until(
-            lambda: kafka_answers(info.bootstrap_servers, 2.0),
-            what="Kafka",
-            timeout_s=self.start_timeout_s,
-            process=kafka.process,
-        )
+        try:
+            wait_until(
+                lambda: kafka_answers(info.bootstrap_servers, 2.0),
+                what="Kafka",
+                timeout_s=self.start_timeout_s,
+                process=kafka.process,
+            )
+        except StackError as exc:
+            raise StackError(
+                f"{exc} (a broker holding many topics starts slowly: `kpg dev down --wipe` empties it)"
+            ) from None
         if postgres is not None:
             wait_until(
                 postgres.answers, what="PostgreSQL", timeout_s=self.start_timeout_s, process=postgres.process
             )
         return info
 
-    def down(self) -> list[str]:
-        """Stop what `up` started (and nothing else); returns the names of the stopped processes."""
+    def down(self, *, wipe: bool = False) -> list[str]:
+        """Stop what `up` started (and nothing else); returns the names of the stopped processes. `wipe`:
+        then delete their data too (topics, keys, databases; not the downloaded Kafka), so the next `up`
+        starts empty: a broker that has gathered thousands of test topics takes minutes to start."""
         info = self.info()
         stopped = []
         for node in self._nodes(info):
             if node.stop() if isinstance(node, PostgresNode) else node.process.stop():
                 stopped.append(node.process.name)
         self._info_file.unlink(missing_ok=True)
+        if wipe:
+            for data in WIPED:
+                shutil.rmtree(self.state_dir / data, ignore_errors=True)
         return stopped
 
     def status(self) -> dict[str, dict[str, object]]:

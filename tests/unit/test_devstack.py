@@ -69,3 +69,16 @@ def test_stop_ends_what_start_started(tmp_path: Path) -> None:
     assert managed.stop() is True
     assert managed.pid() is None
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_down_with_wipe_deletes_the_servers_data_and_keeps_the_downloads(tmp_path: Path) -> None:
+    state, cache = tmp_path / "devstack", tmp_path / "cache"
+    for data in ("kafka/data/orders-0", "redis", "postgres/data", "logs"):
+        (state / data).mkdir(parents=True)
+        (state / data / "file").write_text("x")
+    (cache / "kafka-libs").mkdir(parents=True)
+    stack = DevStack(state, cache_dir=cache)
+    assert stack.down() == [] and (state / "kafka/data/orders-0/file").exists()  # no wipe: data kept
+    assert stack.down(wipe=True) == []
+    assert sorted(p.name for p in state.iterdir()) == []
+    assert (cache / "kafka-libs").is_dir()
