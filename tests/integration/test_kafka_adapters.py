@@ -144,7 +144,7 @@ async def test_a_handler_that_does_not_return_is_reported_with_where_it_waits(
     caplog.set_level(logging.ERROR, logger="gateway.adapters.kafka.consumer")
     await runner.start()
     try:
-        await eventually(lambda: _async(any("handling 1 record(s)" in r.message for r in caplog.records)))
+        await _until(lambda: any("handling 1 record(s)" in r.message for r in caplog.records))
         [report] = [r.message for r in caplog.records if "handling 1 record(s)" in r.message]
         assert f"consumer it-stuck-{unique}: handling 1 record(s) for " in report
         assert "in waits_for_something_that_never_comes" in report and "await release.wait()" in report
@@ -156,8 +156,33 @@ async def test_a_handler_that_does_not_return_is_reported_with_where_it_waits(
         await runner.stop()
 
 
-async def _async(value: bool) -> bool:
-    return value
+async def test_each_rebalance_step_is_logged_with_what_the_member_holds(
+    backends: Backends, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = f"it.rebalance.{unique}"
+    await KafkaAdmin(backends.kafka()).ensure_topics([TopicSpec(topic, 2)])
+
+    async def ignore(batch: Sequence[Record]) -> None:
+        pass
+
+    first, second = (
+        ConsumerRunner(backends.kafka(), group_id=f"it-rebalance-{unique}", topics=[topic], handler=ignore)
+        for _ in range(2)
+    )
+    caplog.set_level(logging.INFO, logger="gateway.adapters.kafka.consumer")
+    await first.start()
+    try:
+        await _until(lambda: len(first.assignment) == 2)
+        await second.start()
+        await _until(lambda: len(first.assignment) == 1 and len(second.assignment) == 1)
+        [(_, moved)] = second.assignment
+    finally:
+        await asyncio.gather(first.stop(), second.stop())
+    lines = [r.message for r in caplog.records if r.message.startswith(f"consumer it-rebalance-{unique}: ")]
+    assert any(f"assigned {topic}[0,1]; now holds {topic}[0,1]" in line for line in lines), lines
+    assert any(f"revoked {topic}[{moved}]; now holds " in line for line in lines), lines
+    assert any(f"assigned {topic}[{moved}]; now holds {topic}[{moved}]" in line for line in lines), lines
+    assert len({line.rsplit("(member ", 1)[1] for line in lines}) == 2  # each member names itself
 
 
 async def test_missing_topic_is_not_found(backends: Backends, unique: str) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -156,9 +156,22 @@ class ConsumerRunner:
     # the rebalance).
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        self._log_rebalance(consumer, "assigned", partitions)
         if self._start_offsets is not None and partitions:
             self._unstarted |= {(tp.topic, tp.partition) for tp in partitions}
             self._assign_unstarted(consumer)
+
+    def _log_rebalance(self, consumer: Consumer, change: str, partitions: list[TopicPartition]) -> None:
+        """One line per rebalance step, as Spring Kafka logs them: which member holds what is the first thing
+        to know about a group that stopped consuming (the broker's log tells the group's side)."""
+        log.info(
+            "consumer %s: %s %s; now holds %s (member %s)",
+            self.group_id,
+            change,
+            _partitions_text((tp.topic, tp.partition) for tp in partitions),
+            _partitions_text(self.assignment),
+            consumer.memberid(),
+        )
 
     def _assign_unstarted(self, consumer: Consumer) -> None:
         """Assign the partitions whose start offsets can be read now; the others wait for the next try."""
@@ -178,6 +191,7 @@ class ConsumerRunner:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self.assignment -= revoked
+        self._log_rebalance(consumer, "revoked", partitions)
         for key in revoked:
             self._positions.pop(key, None)
         if self._start_offsets is not None and partitions:
@@ -364,6 +378,14 @@ class ConsumerRunner:
         if self._on_positions is not None and self._start_offsets is not None:
             await self._on_positions({(record.topic, record.partition): record.offset + 1})
         await self._call(self._commit, [record])
+
+
+def _partitions_text(partitions: Iterable[TopicPartitionKey]) -> str:
+    """`orders[0,1,4] replies[2]`, or `nothing`."""
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in sorted(partitions):
+        by_topic.setdefault(topic, []).append(partition)
+    return " ".join(f"{t}[{','.join(map(str, ps))}]" for t, ps in by_topic.items()) or "nothing"
 
 
 def to_record(message: Message) -> Record:
