@@ -158,6 +158,23 @@ async def test_both_workers_answer_and_the_metrics_add_up_over_them(workers: Gat
     assert await readyz_count() - before == 40  # whichever worker answers the scrape counts both
 
 
+async def test_the_workers_together_hold_every_partition_of_the_reply_group_once(
+    workers: GatewayProcess, deployment: Deployment
+) -> None:
+    group = f"{deployment.prefix}.replies"
+    line = f'kpg_consumer_assigned_partitions{{group="{group}"}} '
+
+    async def held() -> float:
+        async with httpx.AsyncClient(base_url=workers.rest_url) as http:
+            text = (await http.get("/metrics")).text
+        return sum(float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line))
+
+    async def both_hold_their_share() -> bool:
+        return await held() == 6  # the reply topic's partitions, summed over the two workers' members
+
+    await eventually(both_hold_their_share, timeout_s=60, interval_s=0.2)
+
+
 async def test_appends_across_workers_keep_versions_idempotency_and_read_your_writes(
     workers: GatewayProcess, deployment: Deployment
 ) -> None:

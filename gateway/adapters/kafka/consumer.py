@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Gauge
 
 from gateway.adapters.kafka.config import consumer_config
 from gateway.adapters.kafka.records import Record
@@ -49,6 +50,15 @@ PositionsHandler = Callable[[dict[TopicPartitionKey, int]], Awaitable[None]]
 DeadLetter = Callable[[Record, BaseException, int, str], Awaitable[None]]
 
 STEP_REPORT_S = 30.0
+
+# Summed over the workers and instances of a deployment, a group's partitions held should equal its topics'
+# partition count; less, for longer than a rebalance, means partitions nobody consumes.
+ASSIGNED = Gauge(
+    "kpg_consumer_assigned_partitions",
+    "Partitions this consumer group's members hold, by group",
+    ["group"],
+    multiprocess_mode="livesum",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,14 +166,15 @@ class ConsumerRunner:
     # the rebalance).
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
-        self._log_rebalance(consumer, "assigned", partitions)
+        self._record_rebalance(consumer, "assigned", partitions)
         if self._start_offsets is not None and partitions:
             self._unstarted |= {(tp.topic, tp.partition) for tp in partitions}
             self._assign_unstarted(consumer)
 
-    def _log_rebalance(self, consumer: Consumer, change: str, partitions: list[TopicPartition]) -> None:
+    def _record_rebalance(self, consumer: Consumer, change: str, partitions: list[TopicPartition]) -> None:
         """One line per rebalance step, as Spring Kafka logs them: which member holds what is the first thing
         to know about a group that stopped consuming (the broker's log tells the group's side)."""
+        ASSIGNED.labels(self.group_id).set(len(self.assignment))
         log.info(
             "consumer %s: %s %s; now holds %s (member %s)",
             self.group_id,
@@ -191,7 +202,7 @@ class ConsumerRunner:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self.assignment -= revoked
-        self._log_rebalance(consumer, "revoked", partitions)
+        self._record_rebalance(consumer, "revoked", partitions)
         for key in revoked:
             self._positions.pop(key, None)
         if self._start_offsets is not None and partitions:
