@@ -508,9 +508,8 @@ async def test_rest_query_list_and_status(deployment: Deployment) -> None:
     gateway = await deployment.start()
     prefix = f"q{uuid.uuid4().hex[:6]}"
     async with GatewayClient(gateway.target) as client:
-        last = ""
-        for i, total in enumerate([5, 50, 500]):
-            last = (
+        positions = [
+            (
                 await _append(
                     client,
                     deployment.category,
@@ -518,6 +517,15 @@ async def test_rest_query_list_and_status(deployment: Deployment) -> None:
                     [("OrderPlaced", {"customer": f"{prefix}-c", "total": total})],
                 )
             ).position
+            for i, total in enumerate([5, 50, 500])
+        ]
+        # An append's position names its own partition only (API.md): the streams' partitions are applied
+        # independently (by different workers, even), so each earlier write is waited for on its own.
+        for i, position in enumerate(positions[:-1]):
+            await client.read_models.Get(
+                rm.GetDocumentRequest(read_model="summary", key=f"{prefix}-{i}", min_position=position)
+            )
+        last = positions[-1]
     async with httpx.AsyncClient(base_url=gateway.rest_url, timeout=30) as http:
         response = await http.post(
             "/v1/read-models/summary/query",
