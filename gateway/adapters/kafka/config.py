@@ -63,9 +63,9 @@ def consumer_config(settings: KafkaSettings, group_id: str, **overrides: Any) ->
         # A crashed instance's partitions move to the others after this (Kafka's default is 45 s).
         "session.timeout.ms": settings.consumer_session_timeout_ms,
         "heartbeat.interval.ms": max(500, settings.consumer_session_timeout_ms // 5),
-        # A topic created just before the subscription (a reply topic another worker or instance created a
-        # moment ago) can be missing from the group leader's metadata; it is assigned at the next refresh,
-        # 5 minutes later by default, and until then nothing of it is consumed (sagas stalled that long).
+        # Metadata changes (partitions added to a subscribed topic) reach the group within seconds, not the
+        # default 5 minutes. (A subscribed topic that does not exist yet is looked up again sooner anyway:
+        # measured at about 2 s; this was once suspected of a saga stall, wrongly.)
         "topic.metadata.refresh.interval.ms": 5000,
         **overrides,
         **settings.extra,
