@@ -81,6 +81,7 @@ async def serve(
     from gateway.transport.grpc import create_grpc_server
     from gateway.transport.rest import create_rest_app, create_rest_server
 
+    gc_pauses = asyncio.create_task(measure_gc_pauses(), name="gc-pauses")
     producer = AsyncProducer(settings.kafka)
     admin = KafkaAdmin(settings.kafka)
     redis = RedisClient(settings.redis)
@@ -197,6 +198,7 @@ async def serve(
     await bounded(redis.close(), 2.0, what="closing Redis")
     database.close()
     await stop_task(stall_reporter, 1.0)
+    await stop_task(gc_pauses, 1.0)
     log.info("stopped")
 
 
@@ -286,7 +288,6 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"kpg serve: invalid settings: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     configure_logging(settings.log_level, settings.log_format)
-    measure_gc_pauses()
     try:
         definitions = load_definitions(settings.definitions)
     except DefinitionsError as exc:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from datetime import UTC, datetime
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
@@ -40,17 +41,38 @@ GC_PAUSES = Histogram(
 )
 
 
-def measure_gc_pauses() -> None:
-    """Time every collection into GC_PAUSES (a full collection of a large heap shows as a latency tail)."""
-    started: list[float] = [0.0]
+async def measure_gc_pauses(publish_every_s: float = 1.0) -> None:
+    """Run for the life of the process (cancel to stop): time every collection into GC_PAUSES (a full
+    collection of a large heap shows as a latency tail).
+
+    The gc callback runs inside whatever allocation set the collection off, on any thread, possibly while
+    that thread holds a lock. prometheus_client's multiprocess values share one non-reentrant lock, and a
+    collection set off under it, by a callback that observed the histogram, deadlocked the worker's event
+    loop for good (its consumers kept their partitions until max.poll.interval.ms). So the callback takes
+    no lock and calls nothing: it appends to a deque (thread-safe and lock-free under the GIL), and this
+    task moves what it timed into the histogram from the event loop."""
+    timed: deque[tuple[int, float]] = deque(maxlen=10_000)
+    started = [0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            GC_PAUSES.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+            timed.append((info["generation"], time.perf_counter() - started[0]))
+
+    def publish() -> None:
+        for _ in range(len(timed)):  # not `while timed`: publishing allocates, and collections append more
+            generation, seconds = timed.popleft()
+            GC_PAUSES.labels(str(generation)).observe(seconds)
 
     gc.callbacks.append(callback)
+    try:
+        while True:
+            await asyncio.sleep(publish_every_s)
+            publish()
+    finally:
+        gc.callbacks.remove(callback)
+        publish()
 
 
 # A blocked event loop (a blocking call on it, a deadlock on the GIL) stops every call of the process and

@@ -63,3 +63,45 @@ async def test_awaiting_stack_names_every_coroutine_of_the_await_chain() -> None
     assert "await release.wait()" in stack
     release.set()
     await task
+
+
+# A collection set off while prometheus_client's multiprocess lock is held (labels() of a new child encodes
+# its key under it): the gc callback must not take that lock again. It once observed the histogram there,
+# and the worker's event loop deadlocked for good, its consumers holding their partitions without consuming.
+COLLECTS_UNDER_THE_METRICS_LOCK = textwrap.dedent(
+    """
+    import asyncio, gc, os, sys, tempfile
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()
+    from prometheus_client import Counter
+    from gateway.observability import GC_PAUSES, measure_gc_pauses
+
+    async def main():
+        measuring = asyncio.create_task(measure_gc_pauses(publish_every_s=0.05))
+        await asyncio.sleep(0)
+        gc.set_threshold(1)  # a collection at nearly every allocation, under the lock too
+        counter = Counter("kpg_gc_test_total", "children created under collections", ["child"])
+        for i in range(300):
+            counter.labels(str(i)).inc()
+            if i % 50 == 0:
+                await asyncio.sleep(0.06)  # the measurer publishes meanwhile, collections and all
+        measuring.cancel()
+        await asyncio.gather(measuring, return_exceptions=True)
+        gc.set_threshold(700)
+        timed = sum(
+            s.value for m in GC_PAUSES.collect() for s in m.samples if s.name == "kpg_gc_pause_seconds_count"
+        )
+        print("timed", int(timed), "callbacks left", len(gc.callbacks))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_collections_under_the_metrics_lock_are_timed_without_deadlock() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", COLLECTS_UNDER_THE_METRICS_LOCK], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert int(words[1]) >= 300, done.stdout  # every collection timed, none lost to the deadlock's fix
+    assert words[-1] == "0", "the gc callback outlived the measurer"
