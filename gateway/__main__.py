@@ -169,7 +169,9 @@ async def serve(
             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         },
     )
-    stall_reporter = asyncio.create_task(report_loop_stalls(), name="loop-stall-reporter")
+    stall_reporter = asyncio.create_task(
+        report_loop_stalls(exit_s=settings.loop_stall_exit_s or None), name="loop-stall-reporter"
+    )
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -81,26 +82,51 @@ async def measure_gc_pauses(publish_every_s: float = 1.0) -> None:
 # is logged too.
 LOOP_STALL_REPORT_S = 10.0
 LOOP_LATE_WARNING_S = 2.0
+# A process whose loop stayed blocked this long (a deadlock) ends itself with this code: wedged, it would
+# keep its share of the shared ports' connections unanswered and its consumers' partitions unconsumed.
+EXIT_LOOP_STALLED = 70
 
 log = logging.getLogger(__name__)
 
 
-async def report_loop_stalls(stall_s: float = LOOP_STALL_REPORT_S) -> None:
+async def report_loop_stalls(stall_s: float = LOOP_STALL_REPORT_S, exit_s: float | None = None) -> None:
     """Run for the life of the process (cancel to stop): arms faulthandler to dump every thread's stack if
-    this loop does not come back within `stall_s`, and re-arms it each time it does."""
+    this loop does not come back within `stall_s`, and re-arms it each time it does. With `exit_s`, a
+    watchdog thread ends the process (EXIT_LOOP_STALLED, after dumping the stacks again) once the loop has
+    not come back for that long: under `kpg serve --workers` the supervisor starts the worker again, and a
+    single process is restarted by whatever runs it. The watchdog writes to stderr's file descriptor, not
+    through logging, whose locks the blocked thread may hold."""
     loop = asyncio.get_running_loop()
     tick = stall_s / 4
+    alive = [time.monotonic()]
+    watchdog_stop = threading.Event()
+    if exit_s is not None:
+        threading.Thread(
+            target=_exit_when_stalled, args=(alive, exit_s, watchdog_stop), name="loop-watchdog", daemon=True
+        ).start()
     try:
         while True:
             faulthandler.dump_traceback_later(stall_s, file=sys.stderr)
             before = loop.time()
             await asyncio.sleep(tick)
+            alive[0] = time.monotonic()
             late = loop.time() - before - tick
             if late >= LOOP_LATE_WARNING_S:
                 stacks = " (every thread's stack was written to stderr then)" if late >= stall_s else ""
                 log.warning("the event loop was blocked for %.1fs%s", late, stacks)
     finally:
+        watchdog_stop.set()
         faulthandler.cancel_dump_traceback_later()
+
+
+def _exit_when_stalled(alive: list[float], exit_s: float, stop: threading.Event) -> None:
+    while not stop.wait(min(1.0, exit_s / 4)):
+        blocked = time.monotonic() - alive[0]
+        if blocked >= exit_s:
+            message = f"the event loop has been blocked for {blocked:.0f}s: exiting ({EXIT_LOOP_STALLED})\n"
+            os.write(sys.stderr.fileno(), message.encode())
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            os._exit(EXIT_LOOP_STALLED)
 
 
 def metrics_registry() -> CollectorRegistry:

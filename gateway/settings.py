@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # A worker whose event loop stays blocked this long (a deadlock) dumps its threads and exits, and the
+    # supervisor starts it again (observability.report_loop_stalls); 0: never.
+    loop_stall_exit_s: float = Field(default=60.0, ge=0)
 
     @property
     def database_url(self) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+from gateway.observability import EXIT_LOOP_STALLED
 from gateway.tasks import awaiting_stack
 
 BLOCKS_THE_LOOP = textwrap.dedent(
@@ -41,6 +42,36 @@ def test_a_blocked_loop_dumps_every_thread_then_says_for_how_long() -> None:
     assert "Timeout (0:00:01)!" in dump and "in sleeps_on_the_loop" in dump
     assert float(after.split("s")[0]) >= 2.0 and "every thread's stack was written to stderr then" in after
     assert "Timeout" not in after, "a dump after the reporter was cancelled"
+
+
+DEADLOCKS_THE_LOOP = textwrap.dedent(
+    """
+    import asyncio, threading
+    from gateway.observability import report_loop_stalls
+
+    def takes_a_lock_it_holds():
+        lock = threading.Lock()
+        lock.acquire()
+        lock.acquire()  # for good: nothing will release it
+
+    async def main():
+        asyncio.create_task(report_loop_stalls(stall_s=0.4, exit_s=1.5))
+        await asyncio.sleep(0.2)
+        takes_a_lock_it_holds()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_deadlocked_loop_ends_its_process_after_exit_s() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", DEADLOCKS_THE_LOOP], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == EXIT_LOOP_STALLED, done.stderr
+    dump, _, last = done.stderr.partition("the event loop has been blocked for ")
+    assert "in takes_a_lock_it_holds" in dump  # faulthandler's first dump, at stall_s
+    assert float(last.split("s")[0]) >= 1 and "in takes_a_lock_it_holds" in last  # then at exit_s, again
 
 
 async def test_awaiting_stack_names_every_coroutine_of_the_await_chain() -> None:
