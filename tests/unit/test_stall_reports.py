@@ -4,9 +4,11 @@ returns. (A consumer step that does not end: tests/integration/test_kafka_adapte
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 from gateway.observability import EXIT_LOOP_STALLED
 from gateway.tasks import awaiting_stack
@@ -72,6 +74,34 @@ def test_a_deadlocked_loop_ends_its_process_after_exit_s() -> None:
     dump, _, last = done.stderr.partition("the event loop has been blocked for ")
     assert "in takes_a_lock_it_holds" in dump  # faulthandler's first dump, at stall_s
     assert float(last.split("s")[0]) >= 1 and "in takes_a_lock_it_holds" in last  # then at exit_s, again
+
+
+RUNS_FOR_4_SECONDS = textwrap.dedent(
+    """
+    import asyncio
+    from gateway.observability import report_loop_stalls
+
+    async def main():
+        asyncio.create_task(report_loop_stalls(stall_s=0.4, exit_s=1.5))
+        await asyncio.sleep(4)
+        print("ran to the end")
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_stopped_and_continued_process_is_not_taken_for_a_deadlock() -> None:
+    process = subprocess.Popen([sys.executable, "-c", RUNS_FOR_4_SECONDS], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        process.send_signal(signal.SIGSTOP)  # the loop and the watchdog both stand still for 3.5 s
+        time.sleep(3.5)
+        process.send_signal(signal.SIGCONT)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "ran to the end" in out
 
 
 async def test_awaiting_stack_names_every_coroutine_of_the_await_chain() -> None:
