@@ -45,7 +45,7 @@ STEPS = ["reserve_stock", "charge_payment", "confirm_order"]
 PARTICIPANT_NAMES = ["inventory", "payment", "orders"]
 
 
-def definitions(prefix: str, *, step_timeout_ms: int = 5000) -> dict[str, Any]:
+def definitions(prefix: str, *, step_timeout_ms: int = 5000, max_attempts: int = 3) -> dict[str, Any]:
     inventory, payment, orders = (f"{prefix}{t}.commands" for t in ("inventory", "payment", "orders"))
     reserve = {
         "name": "reserve_stock",
@@ -64,7 +64,7 @@ def definitions(prefix: str, *, step_timeout_ms: int = 5000) -> dict[str, Any]:
         "sagas": {
             "place_order": {
                 "step_timeout_ms": step_timeout_ms,
-                "max_attempts": 3,
+                "max_attempts": max_attempts,
                 "steps": [reserve, charge, confirm],
             },
             # Nobody serves the second step's topic: it times out after two sends.
@@ -561,7 +561,10 @@ async def test_sigkill_in_the_middle_of_200_sagas_then_every_saga_ends_as_it_sho
     backends: Backends, prefix: str, participants: Participants, tmp_path: Path
 ) -> None:
     step_timeout_ms = 3000
-    definitions_path = write_definitions(tmp_path, prefix, step_timeout_ms=step_timeout_ms)
+    # Attempts to spare: once resumed, the payment participant works through every ChargePayment sent
+    # meanwhile (each twice); on a busy machine that took longer than two more step timeouts, and sagas
+    # that should have completed timed out and were compensated.
+    definitions_path = write_definitions(tmp_path, prefix, step_timeout_ms=step_timeout_ms, max_attempts=6)
     process = saga_gateway(backends, tmp_path, definitions_path).start()
     try:
         await wait_for_health(process.target, SERVING, process=process)
