@@ -13,7 +13,11 @@ The failure policy (`FailurePolicy`), the same for every consumer:
 - Any other handler failure is retried with backoff; when the batch keeps failing, its records are
   handled one by one, and a record that still fails after `max_attempts` is given to `dead_letter`
   (which writes `<topic>.DLT`). Only once that write is acknowledged does the runner move past it;
-  without a `dead_letter` the record is retried until it succeeds.
+  without a `dead_letter` the record is retried until it succeeds. While records are handled one by one
+  (seconds each, with backoff and dead-letter writes: a batch of them can take minutes), the runner goes
+  back to the consumer between records with every partition paused: rebalances are served and the member
+  stays within max.poll.interval.ms, so one failing batch never holds up its whole group; a partition
+  revoked meanwhile is left to its new owner (its remaining records are not handled here).
 - A partition whose start offset cannot be read (the database is down) is assigned later, not dropped.
 - A step that takes longer than `STEP_REPORT_S` (a fetch, a batch's handling, a commit) is logged with
   where it waits, never silently: at a rebalance the whole group waits for a member that does not come
@@ -116,6 +120,7 @@ class ConsumerRunner:
         self._on_positions = on_positions
         self._positions: dict[TopicPartitionKey, int] = {}
         self._unstarted: set[TopicPartitionKey] = set()  # assigned, but their start offsets not known yet
+        self._paused: set[TopicPartitionKey] = set()  # paused while a batch is handled record by record
         self._config = consumer_config(settings, group_id, **overrides)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
         self._consumer: Consumer | None = None
@@ -201,6 +206,9 @@ class ConsumerRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        if paused := revoked & self._paused:  # a pause outlives the assignment: assigned again, still paused
+            consumer.resume([TopicPartition(t, p) for t, p in paused])
+            self._paused -= paused
         self.assignment -= revoked
         self._record_rebalance(consumer, "revoked", partitions)
         for key in revoked:
@@ -227,6 +235,24 @@ class ConsumerRunner:
                 continue
             records.append(to_record(message))
         return records
+
+    def _serve_group(self) -> None:
+        """Between records handled one by one: serve rebalance callbacks and the poll interval, consuming
+        nothing (every assigned partition paused; a message of a partition just assigned is given back)."""
+        assert self._consumer is not None
+        unpaused = self.assignment - self._unstarted - self._paused
+        if unpaused:
+            self._consumer.pause([TopicPartition(t, p) for t, p in unpaused])
+            self._paused |= unpaused
+        given_back = [to_record(m) for m in self._consumer.consume(self._batch_size, 0) if m.error() is None]
+        if given_back:
+            self._rewind(given_back)
+
+    def _resume(self) -> None:
+        assert self._consumer is not None
+        paused, self._paused = self._paused & self.assignment, set()
+        if paused:
+            self._consumer.resume([TopicPartition(t, p) for t, p in paused])
 
     def _changed_positions(self) -> dict[TopicPartitionKey, int]:
         """Positions that moved since last asked: past records, and past transaction markers too."""
@@ -330,16 +356,20 @@ class ConsumerRunner:
             if attempt < policy.max_attempts:
                 await asyncio.sleep(policy.delay(attempt))
         # The batch keeps failing: find the record(s) to blame by handling them one by one (a batch of
-        # one has had its attempts already).
-        for i, record in enumerate(records):
-            try:
-                if len(records) == 1:
-                    await self._settle(record, policy.max_attempts, error)
-                else:
-                    await self._settle(record, 0, None)
-            except BaseException:
-                await self._call(self._rewind, records[i:])
-                raise
+        # one has had its attempts already), serving the group in between (module doc).
+        try:
+            for i, record in enumerate(records):
+                try:
+                    if len(records) == 1:
+                        await self._settle(record, policy.max_attempts, error)
+                    else:
+                        await self._settle(record, 0, None)
+                except BaseException:
+                    await self._call(self._rewind, records[i:])
+                    raise
+        finally:
+            if self._consumer is not None and not self._stopping:
+                await self._call(self._resume)
 
     async def _try(self, records: Sequence[Record]) -> Exception | None:
         """Handle and commit; the handler's error (None on success). Outages and cancellation raise."""
@@ -356,12 +386,17 @@ class ConsumerRunner:
 
     async def _settle(self, record: Record, tried: int, error: Exception | None) -> None:
         """One record: retried under the policy until it succeeds or, with a dead-letter writer, until
-        `max_attempts` attempts failed; then dead-lettered and passed."""
+        `max_attempts` attempts failed; then dead-lettered and passed. Serves the group before each attempt;
+        a record whose partition was revoked meanwhile is left to its new owner, which starts from the last
+        commit."""
         policy = self._policy
         attempt = tried
         while error is None or attempt < policy.max_attempts or policy.dead_letter is None:
             if attempt:
                 await asyncio.sleep(policy.delay(attempt))
+            await self._call(self._serve_group)
+            if (record.topic, record.partition) not in self.assignment:
+                return
             attempt += 1
             error = await self._try([record])
             if error is None:
