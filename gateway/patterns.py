@@ -36,7 +36,7 @@ from gateway.services.events import EventStore
 from gateway.services.idempotency import Idempotency
 from gateway.services.read_lag import ReadLag
 from gateway.services.read_models import ReadModels
-from gateway.services.request_reply import RequestReply
+from gateway.services.request_reply import PEER_REPLY, RequestReply
 from gateway.services.sagas import SAGA_CHANGES_CHANNEL, Sagas
 from gateway.services.stream_indexer import StreamIndexer
 from gateway.settings import Settings
@@ -249,6 +249,7 @@ def request_reply_pattern(context: Context) -> Pattern:
         admin=context.admin,
         store=CorrelationStore(context.redis),
         idempotency=context.idempotency,
+        peers=context.peers,
     )
 
     async def stop(timeout_s: float) -> None:
@@ -261,6 +262,7 @@ def request_reply_pattern(context: Context) -> Pattern:
         router=request_reply_router(requests),
         start=requests.start,
         stop=stop,
+        peer_handlers={PEER_REPLY: requests.reply_from_sibling},
     )
 
 

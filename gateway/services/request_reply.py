@@ -1,15 +1,18 @@
 """request-reply over Kafka: sync and async, with the correlation state in Redis.
 
-Reply topic design (see the README): one reply topic per deployment (the gateways sharing one Redis),
-consumed by one consumer group that every instance of the deployment joins. Whichever instance consumes a
-reply stores it in Redis (if its request is still waiting) and publishes the correlation id; the instance
-holding the caller is woken by that notification (and re-checks Redis every second, should a notification
-be lost). A rebalance only moves which instance stores replies: offsets are committed after the store, so a
-reply is never lost, and since the store is shared nothing can be stolen. The topic and group are named
-after the deployment id kept in Redis (unless configured), so two deployments on one Kafka cluster never
-consume each other's replies (a reply stored in the other deployment's Redis would be lost). Per-instance
-reply topics would save the Redis hop but leave orphaned topics behind every instance that goes away, and
-still need Redis for async GetReply from another instance.
+Reply topic design (see the README): one reply topic per deployment (the gateways sharing one Redis), consumed
+by one consumer group that every instance of the deployment joins. Whichever instance consumes a reply stores
+it in Redis (if its request is still waiting) and publishes the correlation id; the instance holding the
+caller is woken by that notification (and re-checks Redis every second, should a notification be lost). Within
+an instance it is quicker: a call waiting in the worker that consumed its reply is woken at once, and a reply
+is handed to the sibling workers over their unix sockets (adapters/peers.py) as it is stored, so a call
+waiting in another worker of the instance does not wait for the Redis round trip and its notification either
+(BENCHMARKS.md). A rebalance only moves which instance stores replies: offsets are
+committed after the store, so a reply is never lost, and since the store is shared nothing can be stolen. The
+topic and group are named after the deployment id kept in Redis (unless configured), so two deployments on one
+Kafka cluster never consume each other's replies (a reply stored in the other deployment's Redis would be
+lost). Per-instance reply topics would save the Redis hop but leave orphaned topics behind every instance that
+goes away, and still need Redis for async GetReply from another instance.
 
 Invariants: a request is sent only once its pending record is in Redis, and a request whose send fails (or
 is cancelled) has that record removed again, so the caller may retry with the same correlation id.
@@ -36,6 +39,7 @@ from gateway.adapters.kafka import (
     Record,
     TopicSpec,
 )
+from gateway.adapters.peers import Peers, PeerUnreachable
 from gateway.adapters.redis import CorrelationStore, ReplyState
 from gateway.definitions import Definitions
 from gateway.domain.dead_letters import dlt_topic
@@ -75,6 +79,13 @@ REPLIES = Counter(
     ["outcome"],
 )
 RECHECK_S = 1.0
+HANDED_OVER = Counter(
+    "kpg_request_reply_handed_over_total",
+    "Replies a sibling worker consumed and handed over, by whether a call here was waiting for it",
+    ["waiting"],
+)
+PEER_REPLY = "request-reply.reply"  # the peer call that hands a reply to a sibling worker
+PEER_REPLY_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -95,8 +106,12 @@ class RequestReply:
         admin: KafkaAdmin,
         store: CorrelationStore,
         idempotency: Idempotency,
+        peers: Peers | None = None,
     ) -> None:
+        """`peers`: the sibling workers under `kpg serve --workers`: each reply this one consumes for a call
+        not waiting here is handed to them."""
         self._settings = settings
+        self._peers = peers
         self._kafka = kafka
         self._definitions = definitions
         self._admin = admin
@@ -378,19 +393,41 @@ class RequestReply:
                 raise outcome
 
     async def _store_reply(self, reply: Reply) -> None:
-        """Wake the call waiting here for it, if any, at once; then store it (for GetReply, the caller's
-        other instances, and the notification to them), before the batch's offsets are committed."""
+        """Wake the call waiting here for it, if any, at once, or hand it to the sibling workers; then store
+        it (for GetReply, the caller's other instances, and the notification to them), before the batch's
+        offsets are committed."""
         encoded = reply.encode()
-        waiter = self._waiters.get(reply.correlation_id)
-        if waiter is not None and waiter.reply is None:
-            waiter.reply = encoded
-            waiter.event.set()
+        if not self._wake(reply.correlation_id, encoded) and self._peers is not None:
+            for sibling in range(self._peers.count):
+                if sibling != self._peers.index:
+                    spawn(self._hand_over(sibling, reply.correlation_id, encoded), name="hand-over-reply")
         outcome = await self._store.store(
             reply.correlation_id, encoded, reply_ttl_ms=self._settings.reply_ttl_ms
         )
         REPLIES.labels(outcome).inc()
         if outcome == "late":
             log.info("late reply to %s dropped", reply.correlation_id)
+
+    def _wake(self, correlation_id: str, encoded: bytes) -> bool:
+        """Hand a reply to the call waiting here for it, if any; whether there was one."""
+        waiter = self._waiters.get(correlation_id)
+        if waiter is None:
+            return False
+        if waiter.reply is None:
+            waiter.reply = encoded
+            waiter.event.set()
+        return True
+
+    async def _hand_over(self, sibling: int, correlation_id: str, encoded: bytes) -> None:
+        """Best effort: a sibling that cannot be reached (restarting) is woken by Redis as before."""
+        assert self._peers is not None
+        with contextlib.suppress(PeerUnreachable, BackendUnavailable):
+            await self._peers.call(sibling, PEER_REPLY, (correlation_id, encoded), PEER_REPLY_TIMEOUT_S)
+
+    async def reply_from_sibling(self, handed: tuple[str, bytes]) -> None:
+        """The peer call PEER_REPLY: a reply a sibling consumed, for a call that may be waiting here."""
+        correlation_id, encoded = handed
+        HANDED_OVER.labels(str(self._wake(correlation_id, encoded)).lower()).inc()
 
 
 def _observe_legs(legs: dict[str, float], reply: Reply, *, woke_at: float) -> None:

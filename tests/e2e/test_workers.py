@@ -381,6 +381,53 @@ async def test_a_reply_reaches_its_caller_whichever_worker_consumes_it(
             await client.close()
 
 
+async def test_a_reply_consumed_by_the_other_worker_is_handed_over_not_waited_for_through_redis(
+    workers: GatewayProcess, deployment: Deployment
+) -> None:
+    """Calls spread over both workers (fresh connections each round), replies over both workers' reply
+    partitions: the worker that consumes a reply for its sibling's call hands it over its unix socket."""
+    topic = f"{deployment.prefix}.echo"
+    ready = asyncio.Event()
+
+    async def echo(request: IncomingRequest) -> bytes:
+        return b"re:" + request.payload
+
+    async def handed_over() -> float:
+        async with httpx.AsyncClient(base_url=workers.rest_url) as http:
+            text = (await http.get("/metrics")).text
+        line = 'kpg_request_reply_handed_over_total{waiting="true"} '
+        return sum(float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line))
+
+    responder = asyncio.create_task(
+        serve_requests(
+            topic, echo, bootstrap_servers=deployment.backends.bootstrap_servers, group_id=topic, ready=ready
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        for _ in range(10):
+            clients = connections(workers.target, 8)
+            try:
+                replies = await asyncio.gather(
+                    *(
+                        clients[i % 8].requests.Request(
+                            rr.RequestMessage(topic=topic, payload=b"%d" % i, timeout_ms=10_000)
+                        )
+                        for i in range(24)
+                    )
+                )
+            finally:
+                for client in clients:
+                    await client.close()
+            assert [r.payload for r in replies] == [b"re:%d" % i for i in range(24)]
+            if await handed_over() > 0:
+                break
+        assert await handed_over() > 0, "no reply was handed to the sibling worker whose call waited for it"
+    finally:
+        responder.cancel()
+        await asyncio.gather(responder, return_exceptions=True)
+
+
 async def test_the_supervisor_replaces_a_dead_worker_and_stops_within_its_grace(
     workers: GatewayProcess,
 ) -> None:
