@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
+import httpx
 from confluent_kafka import Consumer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -93,6 +94,17 @@ class GatewayProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+async def ready_everywhere_is(rest_url: str, status: int) -> bool:
+    """Whether a few fresh connections, spread over the workers, all get `status` from /readyz. Each worker
+    probes the backends itself, so they agree within a probe interval, not at every instant (and the gRPC
+    health check, one connection, speaks for one worker)."""
+    for _ in range(4):
+        async with httpx.AsyncClient(base_url=rest_url) as fresh:
+            if (await fresh.get("/readyz")).status_code != status:
+                return False
+    return True
 
 
 async def wait_for_health(

@@ -18,7 +18,14 @@ from kpg.v1 import event_store_pb2 as es
 from gateway.devstack.postgres import PostgresNode, find_postgres_bin
 from tests.conftest import Backends, started_postgres
 from tests.e2e.conftest import example_gateway
-from tests.support import NOT_SERVING, SERVING, GatewayProcess, eventually, wait_for_health
+from tests.support import (
+    NOT_SERVING,
+    SERVING,
+    GatewayProcess,
+    eventually,
+    ready_everywhere_is,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -124,6 +131,7 @@ async def test_readiness_follows_the_database(
         await _append_and_read_back(process, wait_ms=5000, within_s=120)
         own_postgres.stop()
         await wait_for_health(process.target, NOT_SERVING, process=process, timeout_s=30)
+        await eventually(lambda: ready_everywhere_is(process.rest_url, 503), timeout_s=15)
         async with httpx.AsyncClient(base_url=process.rest_url) as http:
             ready = await http.get("/readyz")
             assert ready.status_code == 503 and ready.json()["backends"]["database"] is False

@@ -13,7 +13,14 @@ import pytest
 from gateway.devstack.processes import free_port
 from gateway.devstack.redis import RedisNode, find_redis_server
 from tests.conftest import Backends
-from tests.support import NOT_SERVING, SERVING, GatewayProcess, eventually, wait_for_health
+from tests.support import (
+    NOT_SERVING,
+    SERVING,
+    GatewayProcess,
+    eventually,
+    ready_everywhere_is,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,22 +44,13 @@ async def test_health_follows_redis(backends: Backends, tmp_path: Path) -> None:
             redis.start(find_redis_server())
             await wait_for_health(gateway.target, SERVING, process=gateway)
             await wait_for_health(gateway.target, SERVING, service="kpg.v1.EventStore", process=gateway)
-            await eventually(lambda: _ready_is(http, 200), timeout_s=15)
+            await eventually(lambda: ready_everywhere_is(gateway.rest_url, 200), timeout_s=15)
 
             redis.process.stop()
             await wait_for_health(gateway.target, NOT_SERVING, process=gateway)
             await wait_for_health(gateway.target, NOT_SERVING, service="kpg.v1.Sagas", process=gateway)
-            await eventually(lambda: _ready_is(http, 503), timeout_s=15)
+            await eventually(lambda: ready_everywhere_is(gateway.rest_url, 503), timeout_s=15)
         assert gateway.process is not None and gateway.process.poll() is None, "the gateway must not crash"
     finally:
         gateway.kill()
         redis.process.stop()
-
-
-async def _ready_is(http: httpx.AsyncClient, status: int) -> bool:
-    """Whether every one of a few fresh connections (spread over the workers) gets `status` from /readyz."""
-    for _ in range(4):
-        async with httpx.AsyncClient(base_url=str(http.base_url)) as fresh:
-            if (await fresh.get("/readyz")).status_code != status:
-                return False
-    return True
